@@ -180,11 +180,10 @@ def encode_chat(tok: PreTrainedTokenizerBase, messages: list[Message], max_token
         raise EncodingError("the reply has no target tokens")
     ids, mask = ids[: last + 1], mask[: last + 1]
     if len(ids) > max_tokens:
-        cut = len(ids) - max_tokens
-        ids, mask = ids[cut:], mask[cut:]
-        mask[0] = False  # the first position has no previous token to predict it from
-        if not any(mask):
-            raise EncodingError(f"the reply alone is longer than max_tokens={max_tokens}")
+        first = mask.index(True)
+        if last - first + 2 > max_tokens:  # the reply must fit whole, after at least one context token
+            raise EncodingError(f"the reply alone ({last - first + 1} tokens) is longer than max_tokens={max_tokens}")
+        ids, mask = ids[-max_tokens:], mask[-max_tokens:]
     return Encoded(ids, mask)
 
 
