@@ -24,9 +24,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import methods as M
 from .capture import capture
-from .data import Dataset, DatasetError
+from .data import Dataset, DatasetError, load_dataset
 from .models import EncodingError, blocks, check_layer, collate, default_layer, encode_chat, load_model, resolve_model
-from .store import VectorSet, VectorWriter, file_sha256, model_tag, vectors_dir
+from .store import VectorSet, VectorWriter, dattr_home, file_sha256, model_slug, model_tag, vectors_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,26 @@ def _encode(ds: Dataset, tok: PreTrainedTokenizerBase, row: int, fieldname: str,
         return encode_chat(tok, msgs, max_tokens)
     except EncodingError as e:
         raise DatasetError(ds.path, str(e), row, fieldname) from None
+
+
+def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = None, dtype: str | None = None,
+                    root: str | None = None) -> Dataset:
+    """The dataset with every missing control reply filled by the base model's greedy reply
+    (design §2, the `controls` step), saved once per (model, dataset) and reused after."""
+    if all(e.control_messages is not None for e in ds.examples):
+        return ds
+    from .data import write_examples
+    from .generate import fill_controls
+
+    name = model_name or "SmolLM2-135M-Instruct"
+    out = dattr_home(root) / "controls" / model_slug(name) / f"{ds.name}.parquet"
+    if out.exists() and json.loads(out.with_suffix(".json").read_text()).get("source_sha256") == file_sha256(ds.path):
+        return load_dataset(out, ds.kind)
+    model, tok = load_model(resolve_model(model_name), device, dtype)
+    filled = fill_controls(ds, model, tok, model_name=name)
+    write_examples(out, filled)
+    write_json(out.with_suffix(".json"), {"source": str(ds.path), "source_sha256": file_sha256(ds.path), "model": name})
+    return load_dataset(out, ds.kind)
 
 
 def attribute(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel | None = None,

@@ -32,11 +32,15 @@ def datasets_dir(kind: str, root: str | Path | None = None) -> Path:
     return dattr_home(root) / "datasets" / kind
 
 
+def model_slug(model_name: str) -> str:
+    """A folder-safe name for a model id or path."""
+    base = Path(model_name.rstrip("/")).name or model_name
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", base).strip("._") or "model"
+
+
 def model_tag(model_name: str, layer: int) -> str:
     """A folder-safe tag for (model, layer): vectors of different layers never mix."""
-    base = Path(model_name.rstrip("/")).name or model_name
-    base = re.sub(r"[^A-Za-z0-9_.\-]+", "_", base).strip("._") or "model"
-    return f"{base}.L{layer}"
+    return f"{model_slug(model_name)}.L{layer}"
 
 
 def vectors_dir(tag: str, method: str, dataset: str, root: str | Path | None = None) -> Path:
@@ -207,3 +211,12 @@ class VectorWriter:
         write_json(self.path / "meta.json", {**meta, "count": len(ids), "dim": dim,
                                               "num_shards": self.num_shards, "shard_size": self.shard_size})
         return VectorSet.open(self.path)
+
+
+def dataset_file(kind: str, name: str, root: str | Path | None = None) -> Path:
+    """The file of dataset `name` under `datasets/{kind}/` (parquet preferred over JSONL)."""
+    base = datasets_dir(kind, root)
+    for suffix in (".parquet", ".jsonl"):
+        if (base / f"{name}{suffix}").exists():
+            return base / f"{name}{suffix}"
+    raise FileNotFoundError(f"no {kind} dataset {name!r} in {base} (expected {name}.parquet or {name}.jsonl)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..attribute import AttributeConfig, attribute, init_distributed
+from ..attribute import AttributeConfig, attribute, ensure_controls, init_distributed
 from ..data import load_dataset
 from ..methods import ACTIVATION_METHODS
 
@@ -20,6 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     init_distributed()
     ds = load_dataset(args.data, args.kind)
+    if args.controls:
+        ds = ensure_controls(ds, args.model, args.device, args.dtype, args.root)
     cfg = AttributeConfig(
         model=args.model, layer=args.layer, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, shard_size=args.shard_size,
@@ -29,9 +31,31 @@ def run(args: argparse.Namespace) -> int:
     any_set = next(iter(res.vectors.values()))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    if args.pipes:
+        report_to_dagster(res, args.kind)
     print(f"{ds.name}: {len(ds)} rows × {len(res.vectors)} methods ({', '.join(res.vectors)}) at layer "
           f"{any_set.meta['layer']} of {any_set.meta['model']}; {res.shards_computed} shards computed, "
           f"{res.shards_reused} reused; {res.examples_per_s:.1f} examples/s; → {any_set.path.parent.parent}")
+    return 0
+
+
+def report_to_dagster(res, kind: str) -> None:
+    """Under Dagster Pipes (multi-GPU runs), rank 0 reports one materialization per method."""
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        for m, vs in res.vectors.items():
+            t = vs.meta["timings"]
+            pipes.report_asset_materialization(
+                asset_key=f"vectors/{m}/{kind}",
+                metadata={"path": str(vs.path), "rows": len(vs), "dim": vs.dim, "layer": vs.meta["layer"],
+                          "model": vs.meta["model"], "world_size": vs.meta["world_size"],
+                          "examples_per_s": t["examples_per_s"] or 0.0, "seconds": t["seconds"]})
+
+
+def controls(args: argparse.Namespace) -> int:
+    ds = ensure_controls(load_dataset(args.data, "train"), args.model, args.device, args.dtype, args.root)
+    print(f"{ds.name}: {len(ds)} rows, all with control replies → {ds.path}")
     return 0
 
 
@@ -48,4 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--root", default=None, help="DATTR_HOME (default: $DATTR_HOME or ./dattr_data)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--controls", action="store_true", help="fill missing control replies first (`dattr controls`)")
+    p.add_argument("--pipes", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+    c = sub.add_parser("controls", help="fill missing control replies of a train set with the model's greedy reply")
+    c.add_argument("--data", required=True)
+    add_model_args(c)
+    c.add_argument("--root", default=None)
+    c.set_defaults(func=controls)

@@ -1,0 +1,32 @@
+"""Assembles the Dagster definitions from `defs/`, shaped by the settings file (`dattr.yaml`).
+
+The experiment list decides which asset keys exist (`rct-rc/scores`, ...), so it is read when
+the code location loads; the resource reads the same file for run-time values.
+"""
+
+from __future__ import annotations
+
+from dagster import Definitions
+
+from dattr_core.config import load_settings
+
+from .defs.datasets import eval_dataset, train_dataset
+from .defs.resources import DattrResource
+from .defs.sensors import automation_sensor, dataset_sensor
+from .defs.vectors import activation_vectors
+
+
+def build_definitions(config_path: str | None = None) -> Definitions:
+    settings = load_settings(config_path)
+    methods = settings.activation_methods()
+    assets = [train_dataset, eval_dataset]
+    if methods:
+        assets += [activation_vectors("train", methods), activation_vectors("eval", methods)]
+    return Definitions(
+        assets=assets,
+        sensors=[dataset_sensor(settings.sensor_interval_s), automation_sensor(settings.sensor_interval_s)],
+        resources={"dattr": DattrResource(config_path=config_path or "")},
+    )
+
+
+defs = build_definitions()

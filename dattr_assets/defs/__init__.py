@@ -1,0 +1,1 @@
+"""One module per domain; `dattr_assets.definitions` assembles them."""

@@ -1,0 +1,95 @@
+"""Attribution vectors per dataset: one multi-asset computes every activation method in one pass;
+`trak` and `pv` are their own assets. All run the model, so all sit in the `gpu` pool."""
+
+
+import sys
+
+import numpy as np
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetKey, AssetSpec,
+                     AutomationCondition, MaterializeResult, MetadataValue, PipesSubprocessClient, multi_asset)
+
+from dattr_core.attribute import AttributeConfig, attribute, ensure_controls
+from dattr_core.config import Settings
+from dattr_core.data import load_dataset
+from dattr_core.store import VectorSet, dataset_file
+
+from .partitions import eval_partitions, train_partitions
+from .resources import DattrResource
+
+EAGER = AutomationCondition.eager()
+
+
+def vectors_key(method: str, kind: str) -> AssetKey:
+    return AssetKey(["vectors", method, kind])
+
+
+def vector_checks(vs: VectorSet, rows: int, key: AssetKey) -> list[AssetCheckResult]:
+    """Count = dataset rows, and every value finite (one shard in memory at a time)."""
+    finite = True
+    try:
+        for _ in vs.iter_shards(check_finite=True):
+            pass
+    except ValueError as e:
+        finite, why = False, str(e)
+    return [
+        AssetCheckResult(asset_key=key, check_name="count_matches_rows", passed=len(vs) == rows,
+                         metadata={"vectors": len(vs), "rows": rows}),
+        AssetCheckResult(asset_key=key, check_name="all_finite", passed=finite,
+                         metadata={} if finite else {"error": why}),
+    ]
+
+
+def vector_metadata(vs: VectorSet) -> dict:
+    m = vs.meta
+    sample = vs.load()[: min(len(vs), 512)]
+    return {"path": MetadataValue.path(str(vs.path)), "rows": len(vs), "dim": vs.dim, "model": m["model"],
+            "layer": m["layer"], "method": m["method"], "model_tag": m["model_tag"],
+            "examples_per_s": m["timings"]["examples_per_s"] or 0.0, "seconds": m["timings"]["seconds"],
+            "world_size": m["world_size"], "mean_norm": float(np.linalg.norm(sample, axis=1).mean())}
+
+
+def _attribute_config(s: Settings, methods: list[str], root) -> AttributeConfig:
+    return AttributeConfig(model=s.model, layer=s.layer, methods=methods, max_tokens=s.max_tokens,
+                           batch_tokens=s.batch_tokens, device=s.device, dtype=s.dtype, root=str(root))
+
+
+def _torchrun(context: AssetExecutionContext, s: Settings, kind: str, path, methods: list[str], root) -> None:
+    """Multi-GPU: launch torchrun through Dagster Pipes; rank 0 reports back the metadata."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.gpus}",
+           "-m", "dattr_core.cli", "attribute", "--data", str(path), "--kind", kind, "--methods", ",".join(methods),
+           "--max-tokens", str(s.max_tokens), "--batch-tokens", str(s.batch_tokens), "--root", str(root),
+           "--no-progress", "--pipes"]
+    for flag, value in (("--model", s.model), ("--layer", s.layer), ("--dtype", s.dtype)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    PipesSubprocessClient().run(command=cmd, context=context).get_results()
+
+
+def activation_vectors(kind: str, methods: list[str]):
+    """The multi-asset `vectors/{method}/{kind}` for every activation method, from one pass."""
+    parts = train_partitions if kind == "train" else eval_partitions
+    specs = [AssetSpec(vectors_key(m, kind), deps=[f"{kind}_dataset"], automation_condition=EAGER,
+                       kinds={"pytorch", "numpy"}, group_name="vectors", code_version="1",
+                       description=f"`{m}` attribution vectors of every {kind} example (design §3).")
+             for m in methods]
+    checks = [AssetCheckSpec(name, asset=vectors_key(m, kind)) for m in methods
+              for name in ("count_matches_rows", "all_finite")]
+
+    @multi_asset(name=f"{kind}_activation_vectors", specs=specs, check_specs=checks, partitions_def=parts,
+                 pool="gpu", can_subset=False)
+    def _vectors(context: AssetExecutionContext, dattr: DattrResource):
+        s = dattr.settings()
+        path = dataset_file(kind, context.partition_key, dattr.root)
+        if s.gpus > 1:
+            _torchrun(context, s, kind, path, methods, dattr.root)
+            return
+        ds = ensure_controls(load_dataset(path, kind), s.model, s.device, s.dtype, dattr.root)
+        res = attribute(ds, _attribute_config(s, methods, dattr.root), progress=False)
+        context.log.info(f"{ds.name}: {res.shards_computed} shards computed, {res.shards_reused} reused, "
+                         f"{res.examples_per_s:.1f} examples/s")
+        for m, vs in res.vectors.items():
+            key = vectors_key(m, kind)
+            yield MaterializeResult(asset_key=key, metadata=vector_metadata(vs),
+                                    check_results=vector_checks(vs, len(ds), key))
+
+    return _vectors

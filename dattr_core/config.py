@@ -1,0 +1,101 @@
+"""The project settings file (`dattr.yaml` at the repository root, or `$DATTR_CONFIG`).
+
+One place says which experiments exist, which model and layer, k, and how to fine-tune and judge.
+The CLI's `dattr demo` and the Dagster definitions both read it, so both build the same graph.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ATTR_METHODS = ("rd", "rct", "rc", "rct_response", "grad", "residual", "trak")
+QUERY_METHODS = ATTR_METHODS + ("pv",)
+REFERENCE_RANKINGS = ("emb", "lex", "loss", "random")
+SCORING_RULES = ("cos_sim", "proj", "dot", "cos_sim_debias_train", "cos_sim_debias_eval")
+_EXPERIMENT_RE = re.compile(r"^([a-z_]+)-([a-z_]+)$")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment name `{attr}-{query}` or a reference ranking (`emb`, `lex`, `loss`, `random`)."""
+
+    name: str
+    attr: str | None = None
+    query: str | None = None
+
+    @property
+    def is_reference(self) -> bool:
+        return self.attr is None
+
+
+def parse_experiment(name: str) -> Experiment:
+    if name in REFERENCE_RANKINGS:
+        return Experiment(name)
+    m = _EXPERIMENT_RE.match(name)
+    if not m or m.group(1) not in ATTR_METHODS or m.group(2) not in QUERY_METHODS:
+        raise ValueError(
+            f"unknown experiment {name!r}: use '{{attr}}-{{query}}' with attr in {ATTR_METHODS} and query in "
+            f"{QUERY_METHODS}, or one of {REFERENCE_RANKINGS}"
+        )
+    if (m.group(1) == "trak") != (m.group(2) == "trak"):
+        raise ValueError(f"experiment {name!r}: trak vectors live in weight space; use trak-trak")
+    return Experiment(name, m.group(1), m.group(2))
+
+
+@dataclass
+class Settings:
+    model: str | None = None  # None = the shipped demo model
+    layer: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_tokens: int = 1024
+    batch_tokens: int = 8192
+    k: int = 500
+    scoring_rule: str = "cos_sim"
+    selection_seed: int = 0
+    experiments: list[str] = field(default_factory=lambda: ["rct-rc", "rd-rd", "trak-trak", "random"])
+    finetune: dict[str, Any] = field(default_factory=dict)  # overrides of the LoRA defaults
+    generate: dict[str, Any] = field(default_factory=lambda: {"samples": 3, "max_new_tokens": 64})
+    judge: dict[str, Any] = field(default_factory=lambda: {"concurrency": 8})
+    gpus: int = 1  # >1: vectors run under torchrun through Dagster Pipes
+    sensor_interval_s: int = 30
+
+    @property
+    def parsed_experiments(self) -> list[Experiment]:
+        return [parse_experiment(e) for e in self.experiments]
+
+    def activation_methods(self) -> list[str]:
+        """Activation methods any experiment needs, for train (attr) and eval (query) sides."""
+        used = {m for e in self.parsed_experiments for m in (e.attr, e.query) if m}
+        return [m for m in ATTR_METHODS if m in used and m != "trak"]
+
+    def needs(self, method: str) -> bool:
+        return any(method in (e.attr, e.query) for e in self.parsed_experiments)
+
+
+def config_path(path: str | Path | None = None) -> Path:
+    return Path(path or os.environ.get("DATTR_CONFIG") or "dattr.yaml")
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read settings; a missing file gives the defaults, an unknown key is an error."""
+    p = config_path(path)
+    raw = yaml.safe_load(p.read_text(encoding="utf-8")) if p.exists() else {}
+    raw = raw or {}
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{p}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    s = Settings(**raw)
+    s.parsed_experiments  # validate names early
+    if s.scoring_rule not in SCORING_RULES:
+        raise ValueError(f"{p}: unknown scoring_rule {s.scoring_rule!r}; choose from {SCORING_RULES}")
+    if s.k < 1:
+        raise ValueError(f"{p}: k must be ≥ 1, got {s.k}")
+    return s
