@@ -1,0 +1,49 @@
+"""Evaluation subcommands. `dattr judge`: score generated replies with the behaviour's rubric."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..data import load_dataset
+from ..judge import JudgeAPIError, JudgeConfig, JudgeConfigError, judge_replies, summarize, write_judge_parquet
+from ..judge.cache import default_cache_path
+from ..judge.inputs import read_generation_items
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge", help="judge generated replies (writes judge.parquet, prints the summary)",
+                       description="Judge generated replies with the eval dataset's rubric. The LLM judge is "
+                                   "configured by DATTR_JUDGE_BASE_URL, DATTR_JUDGE_MODEL and OPENAI_API_KEY / "
+                                   "DATTR_JUDGE_API_KEY (environment or .env).")
+    p.add_argument("--generations", required=True, type=Path,
+                   help="parquet with columns id, sample, prompt_messages (JSON), reply")
+    p.add_argument("--eval", required=True, type=Path,
+                   help="the eval dataset file (its trait sidecar names the rubric)")
+    p.add_argument("--out", required=True, type=Path, help="folder for judge.parquet")
+    p.add_argument("--concurrency", type=int, default=JudgeConfig.concurrency,
+                   help=f"judge requests in flight at once (default {JudgeConfig.concurrency})")
+    p.add_argument("--offline", action="store_true",
+                   help="use the deterministic offline judge (rubric ground_truth_0_2 only)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="judge response cache (default $DATTR_HOME/cache/judge.sqlite)")
+    p.set_defaults(func=run_judge)
+
+
+def run_judge(args: argparse.Namespace) -> int:
+    dataset = load_dataset(args.eval, "eval", require_trait=True)
+    trait = dataset.trait
+    assert trait is not None  # require_trait
+    items = read_generation_items(args.generations, dataset)
+    config = JudgeConfig.from_env(concurrency=args.concurrency, offline=args.offline)
+    try:
+        run = judge_replies(items, trait, config, args.cache or default_cache_path())
+    except (JudgeAPIError, JudgeConfigError) as e:  # input errors go to the CLI's user-error path
+        print(f"dattr judge: error: {e}", file=sys.stderr)
+        return 1
+    path = write_judge_parquet(args.out / "judge.parquet", run.results)
+    summary = summarize(run.results, trait)
+    print(json.dumps({**summary, "judge_parquet": str(path), "usage": vars(run.usage)}, indent=2))
+    return 0
