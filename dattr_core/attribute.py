@@ -37,7 +37,7 @@ class AttributeConfig:
 
     model: str | None = None  # HF id or folder; None = the shipped demo model
     layer: int | None = None  # None = round(19·N/32)
-    methods: list[str] = field(default_factory=lambda: list(M.ACTIVATION_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(M.DEFAULT_METHODS))
     max_tokens: int = 1024
     batch_tokens: int = 8192  # padded tokens per batch (length bucketing keeps padding low)
     max_batch: int = 64
@@ -162,7 +162,7 @@ def attribute(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel | None =
     if model is None or tok is None:
         model, tok = load_model(path, cfg.device, cfg.dtype)
     layer = check_layer(model, default_layer(len(blocks(model))) if cfg.layer is None else cfg.layer)
-    paired = [m for m in methods if m in M.PAIRED_METHODS]
+    paired = M.needs_control(methods)
     if paired:
         for i, ex in enumerate(ds.examples):
             if ex.control_messages is None:
@@ -196,8 +196,12 @@ def attribute(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel | None =
         vecs = sequence_vectors(model, layer, enc, seq_methods, tok.pad_token_id, cfg.batch_tokens, cfg.max_batch)
         n = len(rows)
         for m, w in writers.items():
-            base = M.PAIRED_METHODS.get(m, m)
-            arr = vecs[base][:n] - vecs[base][n:] if m in M.PAIRED_METHODS else vecs[base][:n]
+            if m in M.PAIRED_METHODS:
+                arr = vecs[M.PAIRED_METHODS[m]][:n] - vecs[M.PAIRED_METHODS[m]][n:]
+            elif m in M.CONTROL_METHODS:
+                arr = vecs[M.CONTROL_METHODS[m]][n:]
+            else:
+                arr = vecs[m][:n]
             w.write_shard(s, arr, cfg.storage_dtype)
         n_examples += n
         n_tokens += sum(len(e.input_ids) for e in enc)

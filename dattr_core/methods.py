@@ -52,8 +52,11 @@ SEQUENCE_METHODS: dict[str, Callable[[Capture], torch.Tensor]] = {
 }
 # A paired method is (per-sequence method on treatment) − (same on control).
 PAIRED_METHODS: dict[str, str] = {"rd": "residual", "rc": "rct"}
-ACTIVATION_METHODS = tuple(SEQUENCE_METHODS) + tuple(PAIRED_METHODS)
-NEEDS_BACKWARD = {"grad", "rct", "rct_response", "rc"}
+# The per-sequence method on the control reply alone (the `cos_sim_debias_eval` rule needs it).
+CONTROL_METHODS: dict[str, str] = {"residual_control": "residual", "rct_control": "rct"}
+ACTIVATION_METHODS = tuple(SEQUENCE_METHODS) + tuple(PAIRED_METHODS) + tuple(CONTROL_METHODS)
+DEFAULT_METHODS = tuple(SEQUENCE_METHODS) + tuple(PAIRED_METHODS)
+NEEDS_BACKWARD = {"grad", "rct", "rct_response", "rc", "rct_control"}
 
 
 def check_methods(methods: list[str]) -> list[str]:
@@ -65,4 +68,14 @@ def check_methods(methods: list[str]) -> list[str]:
 
 def sequence_methods_needed(methods: list[str]) -> list[str]:
     """The per-sequence methods to evaluate on each capture for the requested methods."""
-    return list(dict.fromkeys(PAIRED_METHODS.get(m, m) for m in methods))
+    return list(dict.fromkeys(PAIRED_METHODS.get(m, CONTROL_METHODS.get(m, m)) for m in methods))
+
+
+def needs_control(methods: list[str]) -> list[str]:
+    """The requested methods that read the control reply."""
+    return [m for m in methods if m in PAIRED_METHODS or m in CONTROL_METHODS]
+
+
+def control_method_for(query_method: str) -> str:
+    """Which control-reply vectors debias a query of `query_method` (same space, same block)."""
+    return "rct_control" if query_method in ("rct", "rc", "rct_response", "grad") else "residual_control"

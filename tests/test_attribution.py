@@ -145,8 +145,12 @@ def test_attribute_writes_every_row_once_and_resumes(tiny, tok, small_train):
 
 
 def test_paired_methods_are_treatment_minus_control(tiny, tok, small_train):
-    res = attribute(small_train, AttributeConfig(model="tiny", layer=LAYER, methods=["rd", "residual"]), tiny, tok,
-                    progress=False)
+    res = attribute(small_train, AttributeConfig(model="tiny", layer=LAYER,
+                                                 methods=["rd", "residual", "residual_control", "rc", "rct", "rct_control"]),
+                    tiny, tok, progress=False)
+    v = {m: vs.load() for m, vs in res.vectors.items()}
+    np.testing.assert_allclose(v["rd"], v["residual"] - v["residual_control"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(v["rc"], v["rct"] - v["rct_control"], rtol=1e-6, atol=1e-7)
     ex = small_train.examples[7]
     caps = [capture(tiny, LAYER, collate([encode_chat(tok, msgs)], tok.pad_token_id), backward=False)
             for msgs in (ex.treatment_messages, ex.control_messages)]

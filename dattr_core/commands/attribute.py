@@ -7,7 +7,7 @@ import os
 
 from ..attribute import AttributeConfig, attribute, ensure_controls, init_distributed
 from ..data import load_dataset
-from ..methods import ACTIVATION_METHODS
+from ..methods import ACTIVATION_METHODS, DEFAULT_METHODS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=("train", "eval"), default="train")
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None, help="block index (default: round(19·N/32))")
-    p.add_argument("--methods", default=",".join(ACTIVATION_METHODS), help="comma-separated")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(ACTIVATION_METHODS)}")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch")
     p.add_argument("--shard-size", type=int, default=256, help="rows per shard (the unit of resume)")
