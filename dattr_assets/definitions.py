@@ -11,6 +11,7 @@ from dagster import Definitions
 from dattr_core.config import load_settings
 
 from .defs.datasets import eval_dataset, train_dataset
+from .defs.experiments import base_assets, experiment_assets, leaderboard_asset
 from .defs.resources import DattrResource
 from .defs.sensors import automation_sensor, dataset_sensor
 from .defs.vectors import activation_vectors
@@ -22,6 +23,10 @@ def build_definitions(config_path: str | None = None) -> Definitions:
     assets = [train_dataset, eval_dataset]
     if methods:
         assets += [activation_vectors("train", methods), activation_vectors("eval", methods)]
+    experiments = settings.parsed_experiments
+    for exp in experiments:
+        assets += experiment_assets(exp)
+    assets += base_assets() + [leaderboard_asset(experiments)]
     return Definitions(
         assets=assets,
         sensors=[dataset_sensor(settings.sensor_interval_s), automation_sensor(settings.sensor_interval_s)],

@@ -61,7 +61,7 @@ class Settings:
     selection_seed: int = 0
     experiments: list[str] = field(default_factory=lambda: ["rct-rc", "rd-rd", "trak-trak", "random"])
     finetune: dict[str, Any] = field(default_factory=dict)  # overrides of the LoRA defaults
-    generate: dict[str, Any] = field(default_factory=lambda: {"samples": 3, "max_new_tokens": 64})
+    generate: dict[str, Any] = field(default_factory=lambda: {"n_samples": 3, "max_new_tokens": 64})
     judge: dict[str, Any] = field(default_factory=lambda: {"concurrency": 8})
     gpus: int = 1  # >1: vectors run under torchrun through Dagster Pipes
     sensor_interval_s: int = 30

@@ -1,0 +1,105 @@
+"""The Dagster graph on a real (temporary) instance: one full pair end to end, lineage, the
+dataset sensor, and the definitions themselves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from dagster import (AssetKey, AssetSelection, DagsterInstance, MultiPartitionKey, build_sensor_context, materialize)
+
+from dagster_fixtures import write_project
+from dattr_assets.definitions import build_definitions
+from dattr_assets.defs.partitions import eval_partitions, train_partitions
+from dattr_assets.defs.resources import DattrResource
+from dattr_assets.defs.sensors import scan_datasets
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny, tok):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def project(tmp_path, model_dir, monkeypatch):
+    cfg = write_project(tmp_path, model_dir)
+    monkeypatch.setenv("DATTR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DATTR_CONFIG", str(cfg))
+    for var in ("OPENAI_API_KEY", "DATTR_JUDGE_API_KEY", "DATTR_JUDGE_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path, cfg
+
+
+def _assets(defs):
+    return list(defs.assets)
+
+
+def test_one_pair_end_to_end_in_process(project):
+    root, cfg = project
+    defs = build_definitions(str(cfg))
+    resources = {"dattr": DattrResource(config_path=str(cfg), home=str(root / "home"))}
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(train_partitions.name, ["tr_a"])
+        instance.add_dynamic_partitions(eval_partitions.name, ["ev_a"])
+        assets = _assets(defs)
+        for selection, key in (
+            (AssetSelection.assets("train_dataset") | AssetSelection.key_prefixes(["vectors"]) & AssetSelection.key_substring("train"), "tr_a"),
+            (AssetSelection.assets("eval_dataset", ["base", "generations"], ["base", "judge"])
+             | AssetSelection.key_prefixes(["vectors"]) & AssetSelection.key_substring("eval"), "ev_a"),
+            (AssetSelection.key_prefixes(["rct-rc"], ["random"]), MultiPartitionKey({"train": "tr_a", "eval": "ev_a"})),
+            (AssetSelection.assets("leaderboard"), None),
+        ):
+            result = materialize(assets, selection=selection, partition_key=key, instance=instance, resources=resources)
+            assert result.success
+            for check in result.get_asset_check_evaluations():
+                assert check.passed, check
+        exp_dir = root / "home" / "experiments" / "rct-rc" / "tr_a" / "ev_a"
+        for name in ("scores.parquet", "selection.parquet", "selected.parquet", "adapter/adapter_config.json",
+                     "generations.parquet", "judge.parquet", "metrics.json"):
+            assert (exp_dir / name).exists(), name
+        metrics = json.loads((exp_dir / "metrics.json").read_text())
+        assert metrics["judge"]["judges"] == ["offline-ground-truth"]
+        assert metrics["judge"]["n_judged"] + metrics["judge"]["n_unparsed"] == 4  # 4 held-out prompts × 1 sample
+        board = instance.get_latest_materialization_event(AssetKey("leaderboard")).asset_materialization.metadata
+        assert board["rows"].value == 3  # rct-rc, random and base on the one pair
+        sel = instance.get_latest_materialization_event(AssetKey(["rct-rc", "selection"]))
+        assert sel.asset_materialization.metadata["selected"].value == 5
+
+
+def test_scores_lineage_is_exactly_the_two_vector_partitions(project):
+    _, cfg = project
+    graph = build_definitions(str(cfg)).resolve_asset_graph()
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(train_partitions.name, ["tr_a"])
+        instance.add_dynamic_partitions(eval_partitions.name, ["ev_a"])
+        from dagster._core.definitions.partitions.context import partition_loading_context
+
+        with partition_loading_context(dynamic_partitions_store=instance):
+            parents = graph.get_parents_partitions(AssetKey(["rct-rc", "scores"]),
+                                                   MultiPartitionKey({"train": "tr_a", "eval": "ev_a"}))
+    got = {(p.asset_key.to_user_string(), p.partition_key) for p in parents.parent_partitions}
+    assert got == {("vectors/rct/train", "tr_a"), ("vectors/rc/eval", "ev_a")}
+
+
+def test_sensor_adds_partitions_for_good_files_and_reports_bad_ones(project):
+    root, cfg = project
+    home = root / "home"
+    (home / "datasets" / "train" / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    (home / "datasets" / "train" / "bad name!.jsonl").write_text("{}\n")
+    with DagsterInstance.ephemeral() as instance:
+        ctx = build_sensor_context(instance=instance, resources={"dattr": DattrResource(home=str(home))})
+        result = scan_datasets(ctx, DattrResource(home=str(home)))
+        adds = {r.partitions_def_name: set(r.partition_keys) for r in result.dynamic_partitions_requests}
+        assert adds == {"train_datasets": {"tr_a"}, "eval_datasets": {"ev_a"}}
+        assert {r.partition_key for r in result.run_requests} == {"tr_a", "ev_a"}
+        cursor = json.loads(result.cursor)
+        assert "train/broken.parquet" in cursor and "train/bad name!.jsonl" in cursor
+        # The next tick, with nothing changed, asks for nothing; a removed file is reported.
+        (home / "datasets" / "train" / "broken.parquet").unlink()
+        ctx2 = build_sensor_context(instance=instance, cursor=result.cursor,
+                                    resources={"dattr": DattrResource(home=str(home))})
+        again = scan_datasets(ctx2, DattrResource(home=str(home)))
+        assert not again.run_requests and "broken.parquet was removed" in again.skip_reason.skip_message
