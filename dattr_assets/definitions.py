@@ -6,7 +6,7 @@ the code location loads; the resource reads the same file for run-time values.
 
 from __future__ import annotations
 
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 
 from dattr_core.config import load_settings
 
@@ -31,6 +31,9 @@ def build_definitions(config_path: str | None = None) -> Definitions:
         assets=assets,
         sensors=[dataset_sensor(settings.sensor_interval_s), automation_sensor(settings.sensor_interval_s)],
         resources={"dattr": DattrResource(config_path=config_path or "")},
+        # One process per run: a step's cost is the model, not re-importing torch in a subprocess.
+        # Pools still limit steps across runs (`dagster_home/dagster.yaml`, granularity: op).
+        executor=in_process_executor,
     )
 
 
