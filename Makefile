@@ -21,10 +21,13 @@ $(VENV)/.installed: pyproject.toml
 	mkdir -p .cache/wheels
 	test -n "$$(ls .cache/wheels/evals-3.0.1.post1-*.whl 2>/dev/null)" || \
 		$(PY) -m pip download -q --no-deps evals==3.0.1.post1 -d .cache/wheels
+	$(VENV)/bin/dagster instance concurrency set gpu 1
+	$(VENV)/bin/dagster instance concurrency set judge 4
 	touch $@
 
 demo: setup
-	$(VENV)/bin/dattr demo --size $(DEMO_SIZE)
+	$(VENV)/bin/dattr demo-data --size $(DEMO_SIZE)
+	$(PY) -m dattr_assets.demo
 
 test: setup
 	$(PY) -m pytest

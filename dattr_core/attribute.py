@@ -46,6 +46,7 @@ class AttributeConfig:
     device: str | None = None
     dtype: str | None = None  # compute dtype; default bf16 on CUDA, fp32 on CPU
     root: str | None = None  # DATTR_HOME
+    folders: dict[str, str] = field(default_factory=dict)  # method → vectors folder name (e.g. rd → pv)
 
 
 @dataclass
@@ -173,7 +174,8 @@ def attribute(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel | None =
     fingerprint = {"dataset_sha256": file_sha256(ds.path), "model": name, "model_revision": model_revision(model, path),
                    "layer": layer, "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size,
                    "storage_dtype": cfg.storage_dtype, "rows": len(ds)}
-    writers = {m: VectorWriter(vectors_dir(tag, m, ds.name, cfg.root), len(ds), cfg.shard_size, {**fingerprint, "method": m})
+    writers = {m: VectorWriter(vectors_dir(tag, cfg.folders.get(m, m), ds.name, cfg.root), len(ds), cfg.shard_size,
+                               {**fingerprint, "method": cfg.folders.get(m, m)})
                for m in methods}
     _barrier()
     for w in writers.values():
@@ -219,7 +221,7 @@ def attribute(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel | None =
                             "examples_per_s": round(n_examples / seconds, 2) if seconds else None}}
         for m, w in writers.items():
             if not (w.path / "meta.json").exists():  # a finished run keeps its own timings
-                w.finalize(ds.ids, {**meta, "method": m})
+                w.finalize(ds.ids, {**meta, "method": cfg.folders.get(m, m)})
     _barrier()
-    vectors = {m: VectorSet.open(w.path) for m, w in writers.items()}
+    vectors = {cfg.folders.get(m, m): VectorSet.open(w.path) for m, w in writers.items()}
     return AttributeResult(vectors, len(todo), len(mine) - len(todo), seconds, n_examples, n_tokens)

@@ -77,7 +77,10 @@ def experiment_scores(exp: Experiment, train: Dataset, evals: Mapping[str, Datas
     for name, rows in attr_rows.items():
         control = (_vectors(settings, control_method_for(exp.query), name, root)
                    if rule == "cos_sim_debias_eval" else None)
-        queries[name] = scoring.Query.from_vectors(_vectors(settings, exp.query, name, root), [e.id for e in rows], control)
+        query_vs = _vectors(settings, exp.query, name, root)
+        # pv vectors exist only for the prompts whose persona replies were non-empty
+        ids = query_vs.ids if exp.query == "pv" else [e.id for e in rows]
+        queries[name] = scoring.Query.from_vectors(query_vs, ids, control)
     ids, scores = scoring.score_matrix(train_vs, queries, rule)
     return ids, scores, {"rule": rule, "model_tag": train_vs.meta["model_tag"]}
 

@@ -11,6 +11,9 @@ from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, As
 from dattr_core.attribute import AttributeConfig, attribute, ensure_controls
 from dattr_core.config import Settings
 from dattr_core.data import load_dataset
+from dattr_core.generate import SamplingConfig
+from dattr_core.models import load_model
+from dattr_core.persona import persona_vectors
 from dattr_core.store import VectorSet, dataset_file
 
 from .partitions import eval_partitions, train_partitions
@@ -93,3 +96,26 @@ def activation_vectors(kind: str, methods: list[str]):
                                     check_results=vector_checks(vs, len(ds), key))
 
     return _vectors
+
+
+def persona_vectors_asset():
+    """`vectors/pv/eval`: the persona-vector query of each eval set (generation + one pass)."""
+    key = vectors_key("pv", "eval")
+
+    @multi_asset(name="eval_persona_vectors", partitions_def=eval_partitions, pool="gpu",
+                 specs=[AssetSpec(key, deps=["eval_dataset"], automation_condition=EAGER, kinds={"pytorch", "numpy"},
+                                  group_name="vectors", code_version="1",
+                                  description="Persona-vector query: a(pos) − a(neg) of the model's own replies "
+                                              "under the trait's positive / negative system prompts.")],
+                 check_specs=[AssetCheckSpec("all_finite", asset=key)])
+    def _pv(context: AssetExecutionContext, dattr: DattrResource):
+        s = dattr.settings()
+        ds = load_dataset(dataset_file("eval", context.partition_key, dattr.root), "eval")
+        model, tok = load_model(s.model, s.device, s.dtype)
+        sampling = SamplingConfig.greedy(max_new_tokens=s.generate.get("max_new_tokens", 64))
+        vs = persona_vectors(ds, _attribute_config(s, ["rd"], dattr.root), model, tok, sampling, s.model).vectors["pv"]
+        checks = [c for c in vector_checks(vs, len(vs), key) if c.check_name == "all_finite"]
+        yield MaterializeResult(asset_key=key, metadata={**vector_metadata(vs), "prompts": len(vs)},
+                                check_results=checks)
+
+    return _pv
