@@ -54,3 +54,35 @@ def write_project(root: Path, model_dir: Path, trains=("tr_a",), evals=("ev_a",)
     path = root / "dattr.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
+
+
+def materialize_pair(defs, instance, resources, train: str = "tr_a", eval_: str = "ev_a",
+                     leaderboard: bool = True) -> list:
+    """Materialise everything for one (train, eval) pair in dependency order, in process.
+
+    `materialize` takes one partition key per call, so the graph goes in four steps: the train
+    side, the eval side (with the base model), the pair assets, then the leaderboard.
+    """
+    from dagster import AssetSelection, MultiPartitionKey, materialize
+
+    from dattr_assets.defs.partitions import eval_partitions, train_partitions
+
+    instance.add_dynamic_partitions(train_partitions.name, [train])
+    instance.add_dynamic_partitions(eval_partitions.name, [eval_])
+    vectors = AssetSelection.key_prefixes(["vectors"])
+    experiments = [k.path[0] for k in defs.resolve_asset_graph().get_all_asset_keys() if k.path[-1] == "scores"]
+    steps = [
+        (AssetSelection.assets("train_dataset") | vectors & AssetSelection.key_substring("train"), train),
+        (AssetSelection.assets("eval_dataset", ["base", "generations"], ["base", "judge"])
+         | vectors & AssetSelection.key_substring("eval"), eval_),
+        (AssetSelection.key_prefixes(*[[e] for e in experiments]), MultiPartitionKey({"train": train, "eval": eval_})),
+    ]
+    if leaderboard:
+        steps.append((AssetSelection.assets("leaderboard"), None))
+    results = []
+    for selection, key in steps:
+        result = materialize(list(defs.assets), selection=selection, partition_key=key, instance=instance,
+                             resources=resources)
+        assert result.success
+        results.append(result)
+    return results

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from dagster import (AssetKey, AssetSelection, DagsterInstance, MultiPartitionKey, build_sensor_context, materialize)
+from dagster import AssetKey, DagsterInstance, MultiPartitionKey, build_sensor_context
 
-from dagster_fixtures import write_project
+from dagster_fixtures import materialize_pair, write_project
 from dattr_assets.definitions import build_definitions
 from dattr_assets.defs.partitions import eval_partitions, train_partitions
 from dattr_assets.defs.resources import DattrResource
@@ -33,27 +33,12 @@ def project(tmp_path, model_dir, monkeypatch):
     return tmp_path, cfg
 
 
-def _assets(defs):
-    return list(defs.assets)
-
-
 def test_one_pair_end_to_end_in_process(project):
     root, cfg = project
     defs = build_definitions(str(cfg))
     resources = {"dattr": DattrResource(config_path=str(cfg), home=str(root / "home"))}
     with DagsterInstance.ephemeral() as instance:
-        instance.add_dynamic_partitions(train_partitions.name, ["tr_a"])
-        instance.add_dynamic_partitions(eval_partitions.name, ["ev_a"])
-        assets = _assets(defs)
-        for selection, key in (
-            (AssetSelection.assets("train_dataset") | AssetSelection.key_prefixes(["vectors"]) & AssetSelection.key_substring("train"), "tr_a"),
-            (AssetSelection.assets("eval_dataset", ["base", "generations"], ["base", "judge"])
-             | AssetSelection.key_prefixes(["vectors"]) & AssetSelection.key_substring("eval"), "ev_a"),
-            (AssetSelection.key_prefixes(["rct-rc"], ["random"]), MultiPartitionKey({"train": "tr_a", "eval": "ev_a"})),
-            (AssetSelection.assets("leaderboard"), None),
-        ):
-            result = materialize(assets, selection=selection, partition_key=key, instance=instance, resources=resources)
-            assert result.success
+        for result in materialize_pair(defs, instance, resources):
             for check in result.get_asset_check_evaluations():
                 assert check.passed, check
         exp_dir = root / "home" / "experiments" / "rct-rc" / "tr_a" / "ev_a"

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dagster import AssetSelection, DagsterInstance, MultiPartitionKey, materialize
+from dagster import DagsterInstance
 
 from conftest import make_examples
-from dagster_fixtures import write_project
+from dagster_fixtures import materialize_pair, write_project
 from dattr_assets.definitions import build_definitions
-from dattr_assets.defs.partitions import eval_partitions, train_partitions
 from dattr_assets.defs.resources import DattrResource
 from dattr_core.data import validate_name, write_examples
 from dattr_core.store import VectorSet, atomic_path
@@ -148,13 +147,7 @@ def test_planted_api_key_is_never_written_anywhere(tmp_path, model_dir, monkeypa
         resources = {"dattr": DattrResource(config_path=str(cfg), home=str(home))}
         (tmp_path / "dagster").mkdir()
         with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
-            instance.add_dynamic_partitions(train_partitions.name, ["tr_a"])
-            instance.add_dynamic_partitions(eval_partitions.name, ["ev_a"])
-            for sel, pk in ((AssetSelection.assets("train_dataset"), "tr_a"),
-                            (AssetSelection.assets("eval_dataset", ["base", "generations"], ["base", "judge"]), "ev_a"),
-                            (AssetSelection.key_prefixes(["random"]), MultiPartitionKey({"train": "tr_a", "eval": "ev_a"}))):
-                assert materialize(list(defs.assets), selection=sel, partition_key=pk, instance=instance,
-                                   resources=resources).success
+            materialize_pair(defs, instance, resources, leaderboard=False)
         assert server.calls and all(c.authorization == f"Bearer {key}" for c in server.calls)
     metrics = (home / "experiments/random/tr_a/ev_a/metrics.json").read_text()
     assert '"hallucination_avg": 1.0' in metrics
