@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,72 @@ def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = No
     return load_dataset(out, ds.kind)
 
 
+ShardFn = Callable[[list[int]], tuple[dict[str, np.ndarray], int]]
+
+
+def vector_writers(ds: Dataset, cfg: AttributeConfig, tag: str, methods: list[str],
+                   fingerprint: dict[str, Any]) -> dict[str, VectorWriter]:
+    """One writer per method folder (`cfg.folders` may rename a method's folder, e.g. rd → pv)."""
+    return {m: VectorWriter(vectors_dir(tag, cfg.folders.get(m, m), ds.name, cfg.root), len(ds), cfg.shard_size,
+                            {**fingerprint, "method": cfg.folders.get(m, m)})
+            for m in methods}
+
+
+def run_shards(ds: Dataset, cfg: AttributeConfig, writers: dict[str, VectorWriter], shard_fn: ShardFn,
+               meta: dict[str, Any], progress: bool = True, desc: str = "") -> AttributeResult:
+    """The shard loop shared by every vector method (activation, trak, pv).
+
+    `shard_fn(rows)` → ({method: (len(rows), dim) array}, tokens processed). Rank r of W takes
+    shards r, r+W, ...; finished shards are skipped; rank 0 writes index and `meta.json` once
+    every shard is there (a finished run keeps its own timings).
+    """
+    rank, world = _dist()
+    _barrier()
+    if rank == 0:
+        for w in writers.values():
+            w.ensure_progress()
+    first = next(iter(writers.values()))
+    mine = [s for s in range(first.num_shards) if s % world == rank]
+    todo = [s for s in mine if not all(w.is_done(s) for w in writers.values())]
+    n_examples = n_tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=sum(len(first.shard_rows(s)) for s in todo), unit="ex", disable=not progress or rank != 0,
+               desc=desc)
+    for s in todo:
+        rows = list(first.shard_rows(s))
+        arrays, tokens = shard_fn(rows)
+        for m, w in writers.items():
+            w.write_shard(s, arrays[m], cfg.storage_dtype)
+        n_examples += len(rows)
+        n_tokens += tokens
+        bar.update(len(rows))
+        bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    _barrier()
+    if rank == 0:
+        timings = {"seconds": round(seconds, 3), "examples": n_examples, "tokens": n_tokens,
+                   "examples_per_s": round(n_examples / seconds, 2) if seconds else None}
+        for m, w in writers.items():
+            if not (w.path / "meta.json").exists():
+                w.finalize(ds.ids, {**w.fingerprint, **meta, "world_size": world, "timings": timings})
+    _barrier()
+    vectors = {cfg.folders.get(m, m): VectorSet.open(w.path) for m, w in writers.items()}
+    return AttributeResult(vectors, len(todo), len(mine) - len(todo), seconds, n_examples, n_tokens)
+
+
+def run_meta(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel, tag: str) -> dict[str, Any]:
+    """What every vectors folder records besides its fingerprint."""
+    return {"model_tag": tag, "dataset": ds.name, "dataset_path": str(ds.path),
+            "compute_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "device": str(next(model.parameters()).device),
+            "config": {k: v for k, v in asdict(cfg).items() if k != "root"}}
+
+
 def attribute(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel | None = None,
               tok: PreTrainedTokenizerBase | None = None, progress: bool = True) -> AttributeResult:
-    """Compute (or resume) the vectors of every requested method for one dataset."""
+    """Compute (or resume) the vectors of every requested activation method for one dataset."""
     methods = M.check_methods(cfg.methods)
-    rank, world = _dist()
     path = resolve_model(cfg.model)
     if model is None or tok is None:
         model, tok = load_model(path, cfg.device, cfg.dtype)
@@ -174,54 +236,24 @@ def attribute(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel | None =
     fingerprint = {"dataset_sha256": file_sha256(ds.path), "model": name, "model_revision": model_revision(model, path),
                    "layer": layer, "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size,
                    "storage_dtype": cfg.storage_dtype, "rows": len(ds)}
-    writers = {m: VectorWriter(vectors_dir(tag, cfg.folders.get(m, m), ds.name, cfg.root), len(ds), cfg.shard_size,
-                               {**fingerprint, "method": cfg.folders.get(m, m)})
-               for m in methods}
-    _barrier()
-    for w in writers.values():
-        if rank == 0:
-            w.ensure_progress()
-    first = writers[methods[0]]
-    mine = [s for s in range(first.num_shards) if s % world == rank]
-    todo = [s for s in mine if not all(w.is_done(s) for w in writers.values())]
+    writers = vector_writers(ds, cfg, tag, methods, fingerprint)
     seq_methods = M.sequence_methods_needed(methods)
-    need_control = bool(paired)
-    n_examples = n_tokens = 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=sum(len(first.shard_rows(s)) for s in todo), unit="ex", disable=not progress or rank != 0,
-               desc=f"attribute {ds.name} L{layer}")
-    for s in todo:
-        rows = list(first.shard_rows(s))
+
+    def shard_fn(rows: list[int]) -> tuple[dict[str, np.ndarray], int]:
         enc = [_encode(ds, tok, r, "treatment_messages", cfg.max_tokens) for r in rows]
-        if need_control:
+        if paired:
             enc += [_encode(ds, tok, r, "control_messages", cfg.max_tokens) for r in rows]
         vecs = sequence_vectors(model, layer, enc, seq_methods, tok.pad_token_id, cfg.batch_tokens, cfg.max_batch)
         n = len(rows)
-        for m, w in writers.items():
+        out = {}
+        for m in methods:
             if m in M.PAIRED_METHODS:
-                arr = vecs[M.PAIRED_METHODS[m]][:n] - vecs[M.PAIRED_METHODS[m]][n:]
+                out[m] = vecs[M.PAIRED_METHODS[m]][:n] - vecs[M.PAIRED_METHODS[m]][n:]
             elif m in M.CONTROL_METHODS:
-                arr = vecs[M.CONTROL_METHODS[m]][n:]
+                out[m] = vecs[M.CONTROL_METHODS[m]][n:]
             else:
-                arr = vecs[m][:n]
-            w.write_shard(s, arr, cfg.storage_dtype)
-        n_examples += n
-        n_tokens += sum(len(e.input_ids) for e in enc)
-        bar.update(n)
-        bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.0f}")
-    bar.close()
-    seconds = time.perf_counter() - t0
-    _barrier()
-    if rank == 0:
-        meta = {**fingerprint, "model_tag": tag, "dataset": ds.name, "dataset_path": str(ds.path),
-                "compute_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                "device": str(next(model.parameters()).device), "world_size": world,
-                "config": {k: v for k, v in asdict(cfg).items() if k not in ("root",)},
-                "timings": {"seconds": round(seconds, 3), "examples": n_examples, "tokens": n_tokens,
-                            "examples_per_s": round(n_examples / seconds, 2) if seconds else None}}
-        for m, w in writers.items():
-            if not (w.path / "meta.json").exists():  # a finished run keeps its own timings
-                w.finalize(ds.ids, {**meta, "method": cfg.folders.get(m, m)})
-    _barrier()
-    vectors = {cfg.folders.get(m, m): VectorSet.open(w.path) for m, w in writers.items()}
-    return AttributeResult(vectors, len(todo), len(mine) - len(todo), seconds, n_examples, n_tokens)
+                out[m] = vecs[m][:n]
+        return out, sum(len(e.input_ids) for e in enc)
+
+    return run_shards(ds, cfg, writers, shard_fn, run_meta(ds, cfg, model, tag), progress,
+                      desc=f"attribute {ds.name} L{layer}")
