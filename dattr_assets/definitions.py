@@ -14,7 +14,7 @@ from .defs.datasets import eval_dataset, train_dataset
 from .defs.experiments import base_assets, experiment_assets, leaderboard_asset
 from .defs.resources import DattrResource
 from .defs.sensors import automation_sensor, dataset_sensor
-from .defs.vectors import activation_vectors, persona_vectors_asset
+from .defs.vectors import activation_vectors, persona_vectors_asset, trak_vectors_asset
 
 
 def build_definitions(config_path: str | None = None) -> Definitions:
@@ -23,6 +23,8 @@ def build_definitions(config_path: str | None = None) -> Definitions:
     assets = [train_dataset, eval_dataset]
     if methods:
         assets += [activation_vectors("train", methods), activation_vectors("eval", methods)]
+    if settings.needs("trak"):
+        assets += [trak_vectors_asset("train"), trak_vectors_asset("eval")]
     if settings.needs("pv"):
         assets.append(persona_vectors_asset())
     experiments = settings.parsed_experiments

@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory, tiny, tok):
 
 @pytest.fixture
 def project(tmp_path, model_dir, monkeypatch):
-    cfg = write_project(tmp_path, model_dir)
+    cfg = write_project(tmp_path, model_dir, experiments=("rct-rc", "trak-trak", "random"))
     monkeypatch.setenv("DATTR_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DATTR_CONFIG", str(cfg))
     for var in ("OPENAI_API_KEY", "DATTR_JUDGE_API_KEY", "DATTR_JUDGE_BASE_URL"):
@@ -49,7 +49,7 @@ def test_one_pair_end_to_end_in_process(project):
         assert metrics["judge"]["judges"] == ["offline-ground-truth"]
         assert metrics["judge"]["n_judged"] + metrics["judge"]["n_unparsed"] == 4  # 4 held-out prompts × 1 sample
         board = instance.get_latest_materialization_event(AssetKey("leaderboard")).asset_materialization.metadata
-        assert board["rows"].value == 3  # rct-rc, random and base on the one pair
+        assert board["rows"].value == 4  # rct-rc, trak-trak, random and base on the one pair
         sel = instance.get_latest_materialization_event(AssetKey(["rct-rc", "selection"]))
         assert sel.asset_materialization.metadata["selected"].value == 5
 

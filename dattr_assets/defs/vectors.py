@@ -14,6 +14,7 @@ from dattr_core.data import load_dataset
 from dattr_core.generate import SamplingConfig
 from dattr_core.models import load_model
 from dattr_core.persona import persona_vectors
+from dattr_core.trak import TrakConfig, attribute_trak
 from dattr_core.store import VectorSet, dataset_file
 
 from .partitions import eval_partitions, train_partitions
@@ -119,3 +120,24 @@ def persona_vectors_asset():
                                 check_results=checks)
 
     return _pv
+
+
+def trak_vectors_asset(kind: str):
+    """`vectors/trak/{kind}`: the weight-space baseline (projected per-example gradients)."""
+    parts = train_partitions if kind == "train" else eval_partitions
+    key = vectors_key("trak", kind)
+
+    @multi_asset(name=f"{kind}_trak_vectors", partitions_def=parts, pool="gpu",
+                 specs=[AssetSpec(key, deps=[f"{kind}_dataset"], automation_condition=EAGER, kinds={"pytorch", "numpy"},
+                                  group_name="vectors", code_version="1",
+                                  description="TRAK baseline: ∇ℓ(treatment) of every linear layer, projected to "
+                                              "4096 dims with a fixed, seeded projection.")],
+                 check_specs=[AssetCheckSpec(n, asset=key) for n in ("count_matches_rows", "all_finite")])
+    def _trak(context: AssetExecutionContext, dattr: DattrResource):
+        s = dattr.settings()
+        ds = load_dataset(dataset_file(kind, context.partition_key, dattr.root), kind)
+        cfg = TrakConfig(**{**_attribute_config(s, ["trak"], dattr.root).__dict__, "methods": ["trak"]})
+        vs = attribute_trak(ds, cfg, progress=False).vectors["trak"]
+        yield MaterializeResult(asset_key=key, metadata=vector_metadata(vs), check_results=vector_checks(vs, len(ds), key))
+
+    return _trak

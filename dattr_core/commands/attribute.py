@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..attribute import AttributeConfig, attribute, ensure_controls, init_distributed
+from ..attribute import AttributeConfig, AttributeResult, attribute, ensure_controls, init_distributed
+from ..models import load_model
+from ..trak import DEFAULT_DIM, TrakConfig, attribute_trak
 from ..data import load_dataset
 from ..methods import ACTIVATION_METHODS, DEFAULT_METHODS
 
@@ -22,12 +24,21 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data, args.kind)
     if args.controls:
         ds = ensure_controls(ds, args.model, args.device, args.dtype, args.root)
-    cfg = AttributeConfig(
-        model=args.model, layer=args.layer, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-        max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, shard_size=args.shard_size,
-        storage_dtype=args.storage_dtype, device=args.device, dtype=args.dtype, root=args.root,
-    )
-    res = attribute(ds, cfg, progress=not args.no_progress)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    activation = [m for m in methods if m != "trak"]
+    common = dict(model=args.model, layer=args.layer, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
+                  shard_size=args.shard_size, storage_dtype=args.storage_dtype, device=args.device, dtype=args.dtype,
+                  root=args.root)
+    model, tok = load_model(args.model, args.device, args.dtype)
+    results = []
+    if activation or not methods:
+        results.append(attribute(ds, AttributeConfig(methods=activation, **common), model, tok, not args.no_progress))
+    if "trak" in methods:
+        cfg = TrakConfig(proj_dim=args.proj_dim, seed=args.proj_seed, **common)
+        results.append(attribute_trak(ds, cfg, model, tok, not args.no_progress))
+    res = AttributeResult({m: v for r in results for m, v in r.vectors.items()},
+                          *[sum(getattr(r, f) for r in results) for f in
+                            ("shards_computed", "shards_reused", "seconds", "examples", "tokens")])
     any_set = next(iter(res.vectors.values()))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -66,7 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None, help="block index (default: round(19·N/32))")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from {', '.join(ACTIVATION_METHODS)}")
+                   help=f"comma-separated, from {', '.join(ACTIVATION_METHODS)}, trak")
+    p.add_argument("--proj-dim", type=int, default=DEFAULT_DIM, help="trak: projected dimension")
+    p.add_argument("--proj-seed", type=int, default=0, help="trak: projection seed")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch")
     p.add_argument("--shard-size", type=int, default=256, help="rows per shard (the unit of resume)")
