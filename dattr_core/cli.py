@@ -10,7 +10,7 @@ import sys
 
 from .data import DatasetError
 
-AREAS = ("attribute", "demo", "scoring", "evaluate")
+AREAS = ("attribute", "demo", "scoring", "finetune", "evaluate")
 USER_ERRORS = (DatasetError, ValueError, FileNotFoundError, KeyError)
 
 
