@@ -31,6 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="judge response cache (default $DATTR_HOME/cache/judge.sqlite)")
     p.set_defaults(func=run_judge)
 
+    e = sub.add_parser("evaluate", help="fine-tune on an experiment's selection, generate, judge → metrics.json",
+                       description="The downstream half for one (experiment, train, eval), with the settings of "
+                                   "dattr.yaml; `--experiment base` evaluates the un-tuned model.")
+    e.add_argument("--experiment", required=True, help="e.g. rct-rc (its selection must exist), or base")
+    e.add_argument("--train", default=None, help="train dataset name (not for base)")
+    e.add_argument("--eval", required=True, help="eval dataset name under $DATTR_HOME/datasets/eval/")
+    e.add_argument("--config", default=None, help="settings file (default: $DATTR_CONFIG or ./dattr.yaml)")
+    e.set_defaults(func=run_evaluate)
+
 
 def run_judge(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.eval, "eval", require_trait=True)
@@ -46,4 +55,26 @@ def run_judge(args: argparse.Namespace) -> int:
     path = write_judge_parquet(args.out / "judge.parquet", run.results)
     summary = summarize(run.results, trait)
     print(json.dumps({**summary, "judge_parquet": str(path), "usage": vars(run.usage)}, indent=2))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..config import load_settings, parse_experiment
+    from ..pipeline import BASE, base_dir, finetune_pair, generate_pair, judge_pair
+    from ..store import dataset_file, experiment_dir
+
+    settings = load_settings(args.config)
+    eval_ds = load_dataset(dataset_file("eval", args.eval), "eval")
+    if args.experiment == BASE:
+        out, adapter = base_dir(eval_ds.name), None
+    else:
+        if not args.train:
+            raise ValueError("--train is needed for an experiment other than base")
+        exp = parse_experiment(args.experiment)
+        out = experiment_dir(exp.name, args.train, eval_ds.name)
+        adapter, summary = finetune_pair(exp, args.train, eval_ds.name, settings)
+        print(f"fine-tuned: {summary}")
+    generate_pair(eval_ds, settings, out, adapter)
+    metrics = judge_pair(eval_ds, settings, out)
+    print(json.dumps(metrics, indent=2))
     return 0
