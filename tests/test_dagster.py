@@ -88,3 +88,29 @@ def test_sensor_adds_partitions_for_good_files_and_reports_bad_ones(project):
                                     resources={"dattr": DattrResource(home=str(home))})
         again = scan_datasets(ctx2, DattrResource(home=str(home)))
         assert not again.run_requests and "broken.parquet was removed" in again.skip_reason.skip_message
+
+
+@pytest.mark.slow
+def test_vectors_asset_runs_torchrun_through_pipes_when_gpus_gt_1(project):
+    """`gpus: 2` launches `torchrun --nproc_per_node=2` (gloo on CPU) through Dagster Pipes; rank 0
+    reports the materialisations back, and the files equal a one-process run's."""
+    import yaml
+    from dagster import AssetSelection, materialize
+
+    root, cfg = project
+    settings = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**settings, "gpus": 2}))
+    defs = build_definitions(str(cfg))
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(train_partitions.name, ["tr_a"])
+        result = materialize(list(defs.assets), selection=AssetSelection.assets("train_dataset", ["vectors", "rct", "train"],
+                                                                                  ["vectors", "rc", "train"]),
+                             partition_key="tr_a", instance=instance,
+                             resources={"dattr": DattrResource(config_path=str(cfg), home=str(root / "home"))})
+        assert result.success
+        event = instance.get_latest_materialization_event(AssetKey(["vectors", "rct", "train"]))
+        assert event.asset_materialization.metadata["world_size"].value == 2
+    from dattr_core.store import VectorSet
+
+    vs = VectorSet.open(next((root / "home").glob("vectors/*/rct/tr_a")))
+    assert vs.meta["world_size"] == 2 and len(vs) == 16

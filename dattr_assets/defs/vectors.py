@@ -15,7 +15,8 @@ from dattr_core.generate import SamplingConfig
 from dattr_core.models import load_model
 from dattr_core.persona import persona_vectors
 from dattr_core.trak import TrakConfig, attribute_trak
-from dattr_core.store import VectorSet, dataset_file
+from dattr_core.pipeline import resolve_layer
+from dattr_core.store import VectorSet, dataset_file, model_tag, vectors_dir
 
 from .partitions import eval_partitions, train_partitions
 from .resources import DattrResource
@@ -57,16 +58,16 @@ def _attribute_config(s: Settings, methods: list[str], root) -> AttributeConfig:
                            batch_tokens=s.batch_tokens, device=s.device, dtype=s.dtype, root=str(root))
 
 
-def _torchrun(context: AssetExecutionContext, s: Settings, kind: str, path, methods: list[str], root) -> None:
+def _torchrun(context: AssetExecutionContext, s: Settings, kind: str, path, methods: list[str], root) -> list:
     """Multi-GPU: launch torchrun through Dagster Pipes; rank 0 reports back the metadata."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.gpus}",
            "-m", "dattr_core.cli", "attribute", "--data", str(path), "--kind", kind, "--methods", ",".join(methods),
            "--max-tokens", str(s.max_tokens), "--batch-tokens", str(s.batch_tokens), "--root", str(root),
-           "--no-progress", "--pipes"]
+           "--no-progress", "--pipes", "--controls"]
     for flag, value in (("--model", s.model), ("--layer", s.layer), ("--dtype", s.dtype)):
         if value is not None:
             cmd += [flag, str(value)]
-    PipesSubprocessClient().run(command=cmd, context=context).get_results()
+    return PipesSubprocessClient().run(command=cmd, context=context).get_results()
 
 
 def activation_vectors(kind: str, methods: list[str]):
@@ -85,7 +86,12 @@ def activation_vectors(kind: str, methods: list[str]):
         s = dattr.settings()
         path = dataset_file(kind, context.partition_key, dattr.root)
         if s.gpus > 1:
-            _torchrun(context, s, kind, path, methods, dattr.root)
+            yield from _torchrun(context, s, kind, path, methods, dattr.root)  # rank 0's materialisations
+            rows = len(load_dataset(path, kind))
+            tag = model_tag(s.model or "SmolLM2-135M-Instruct", resolve_layer(s))
+            for m in methods:
+                vs = VectorSet.open(vectors_dir(tag, m, context.partition_key, dattr.root))
+                yield from vector_checks(vs, rows, vectors_key(m, kind))
             return
         ds = ensure_controls(load_dataset(path, kind), s.model, s.device, s.dtype, dattr.root)
         res = attribute(ds, _attribute_config(s, methods, dattr.root), progress=False)
