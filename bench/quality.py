@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 from dattr_core import baselines
-from dattr_core.attribute import AttributeConfig, attribute
+from dattr_core.attribute import AttributeConfig, attribute, ensure_controls
 from dattr_core.config import Settings, load_settings
 from dattr_core.data import Dataset, load_dataset
 from dattr_core.models import load_model
@@ -40,16 +40,21 @@ KS = (25, 50, 100)
 MARK = ("<!-- quality:begin -->", "<!-- quality:end -->")
 
 
+PAIRED = ["rd", "rc", "residual_control", "rct_control"]
+
+
 def ensure_vectors(train: Dataset, evals: list[Dataset], s: Settings, home: str | None) -> None:
-    """Compute whatever vectors are missing (each step resumes from finished shards)."""
+    """Compute whatever vectors are missing (each step resumes from finished shards). Train rows
+    without a control reply get the treatment-only methods; rd/rc train vectors then don't exist."""
     model, tok = load_model(s.model, s.device, s.dtype)
     layer = resolve_layer(s)
-    methods = ["residual", "grad", "rct", "rct_response", "rd", "rc", "residual_control", "rct_control"]
+    methods = ["residual", "grad", "rct", "rct_response"]
     cfg = AttributeConfig(model=s.model, layer=layer, methods=methods, max_tokens=s.max_tokens,
                           batch_tokens=s.batch_tokens, root=home)
     for ds in [train, *evals]:
         t = time.perf_counter()
-        attribute(ds, cfg, model, tok)
+        paired = all(e.control_messages is not None for e in ds.examples)
+        attribute(ds, AttributeConfig(**{**cfg.__dict__, "methods": methods + (PAIRED if paired else [])}), model, tok)
         attribute_trak(ds, TrakConfig(model=s.model, layer=layer, max_tokens=s.max_tokens, root=home), model, tok)
         print(f"vectors of {ds.name}: {time.perf_counter() - t:.0f}s", file=sys.stderr)
     for ds in evals:
@@ -96,10 +101,14 @@ def main() -> None:
     p.add_argument("--boot", type=int, default=200)
     p.add_argument("--draws", type=int, default=2000)
     p.add_argument("--root", default=None, help="DATTR_HOME")
+    p.add_argument("--train-controls", action="store_true",
+                   help="generate control replies for the train set (slow on CPU) so rd-*/rc-* can run")
     p.add_argument("--out", default=None, help="write the table into this markdown file (between markers)")
     args = p.parse_args()
     s = load_settings()
     train = load_dataset(dataset_file("train", args.train, args.root), "train")
+    if args.train_controls:  # rd / rc train vectors need a control reply per train row (greedy generation)
+        train = ensure_controls(train, s.model, s.device, s.dtype, args.root)
     evals = [load_dataset(dataset_file("eval", e, args.root), "eval") for e in args.evals]
     ensure_vectors(train, evals, s, args.root)
     rows = []
@@ -133,7 +142,12 @@ def main() -> None:
                 variants = [("cos_sim", tr, ev_v, None)]
             else:
                 attr, query = exp.split("-")
-                tr = VectorSet.open(vectors_dir(settings_tag(s), attr, train.name, args.root)).load()
+                try:
+                    tr = VectorSet.open(vectors_dir(settings_tag(s), attr, train.name, args.root)).load()
+                except VectorError:
+                    rows.append(f"{base} | {exp} | — | not run: no `{attr}` train vectors (train rows have no "
+                                "control reply; pass --train-controls) | | | | | | | |")
+                    continue
                 if query == "pv":
                     pv = VectorSet.open(vectors_dir(settings_tag(s), "pv", ev.name, args.root))
                     ev_v, ctrl = pv.load(), None
