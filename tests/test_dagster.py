@@ -114,3 +114,17 @@ def test_vectors_asset_runs_torchrun_through_pipes_when_gpus_gt_1(project):
 
     vs = VectorSet.open(next((root / "home").glob("vectors/*/rct/tr_a")))
     assert vs.meta["world_size"] == 2 and len(vs) == 16
+
+
+def test_dagster_definitions_validate_passes(tmp_path):
+    """The CLI check users and CI run: the code location in workspace.yaml loads cleanly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "dagster.yaml").write_text((repo / "dagster_home" / "dagster.yaml").read_text())
+    r = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"], cwd=repo,
+                       env={**os.environ, "DAGSTER_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "All code locations passed validation" in r.stdout + r.stderr, r.stderr[-3000:]
