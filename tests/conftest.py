@@ -56,3 +56,12 @@ def home(tmp_path, monkeypatch) -> Path:
 def small_train(home):
     path = write_examples(home / "datasets" / "train" / "small.parquet", make_examples(23))
     return load_dataset(path, "train")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny, tok) -> Path:
+    """The tiny model and the demo tokenizer saved as a model folder (for CLI / settings paths)."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -15,14 +15,6 @@ from dattr_assets.defs.resources import DattrResource
 from dattr_assets.defs.sensors import scan_datasets
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny, tok):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 @pytest.fixture
 def project(tmp_path, model_dir, monkeypatch):
     cfg = write_project(tmp_path, model_dir, experiments=("rct-rc", "trak-trak", "random"))

@@ -38,14 +38,6 @@ def _attribute_cmd(data: Path, model_dir: Path, home: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny, tok):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, model_dir):
     """An uninterrupted run: the vectors every faulty run must reproduce exactly."""
     root = tmp_path_factory.mktemp("ref")
