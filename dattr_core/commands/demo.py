@@ -20,7 +20,7 @@ def run_demo_data(args: argparse.Namespace) -> int:
 def add_demo_data_args(p: argparse.ArgumentParser) -> None:
     """Options of the demo-data build (shared with `dattr demo`, which builds the data first)."""
     p.add_argument("--size", choices=sorted(SIZES), default="full",
-                   help="full: ~1,000 train rows, ~125 pairs per eval set; small: ~200 rows, ~40 pairs (fast)")
+                   help="full: 1,000 train rows, 110 pairs per eval set; small: 200 rows, 40 pairs (fast)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same files (default 0)")
     p.add_argument("--root", default=None, help="DATTR_HOME (default: $DATTR_HOME or ./dattr_data)")
     p.add_argument("--wheel", default=None,
