@@ -1,6 +1,6 @@
 """`dattr demo-data`: build the demo datasets from real text (the `evals` wheel) and templated
-facts, filtered to questions the demo model knows. (`dattr demo`, the end-to-end demo, is
-registered here too; see `register`.)"""
+facts, filtered to questions the demo model knows. The end-to-end demo is `make demo`
+(this build, then `python -m dattr_assets.demo`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def run_demo_data(args: argparse.Namespace) -> int:
 
 
 def add_demo_data_args(p: argparse.ArgumentParser) -> None:
-    """Options of the demo-data build (shared with `dattr demo`, which builds the data first)."""
+    """Options of the demo-data build (`make demo` runs it before the Dagster backfill)."""
     p.add_argument("--size", choices=sorted(SIZES), default="full",
                    help="full: 1,000 train rows, 110 pairs per eval set; small: 200 rows, 40 pairs (fast)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same files (default 0)")
@@ -38,5 +38,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="build the demo train/eval datasets (real text, model-checked ground truth)")
     add_demo_data_args(p)
     p.set_defaults(func=run_demo_data)
-    # `dattr demo` (the end-to-end demo: data → vectors → experiments → leaderboard) is added
-    # here by the lead: register_demo(sub).
