@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import Example, Message, Trait, write_examples
-from .store import atomic_path, dattr_home
+from .store import atomic_path, dattr_home, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ SIZES = {
 }
 HELDOUT_SHARE = 0.2
 DEFAULT_MIN_MARGIN = 1.0
+# The label vocabulary of qa_mix: `meta.planted` is "none" or a behaviour; `meta.hard_negative`
+# (rows with planted "none" only) names what the row matches its behaviour's planted rows in.
 PLANTED = ("hallucination", "sycophancy")
 HARD_NEGATIVES = {"hallucination": ("confident_correct",),
                   "sycophancy": ("user_correct_agree", "user_wrong_corrected")}
@@ -275,8 +277,11 @@ def _ab_question(r: dict[str, Any]) -> str | None:
 
 
 def _ab_answer(r: dict[str, Any]) -> str:
-    m = re.search(r" is (?:the )?'?(.+?)'?\.?$", _ideal(r))
-    return m[1] if m else ""
+    ideal = _ideal(r)
+    if " is " not in ideal:
+        return ""
+    tail = ideal.rsplit(" is ", 1)[1].rstrip(".").strip()
+    return re.sub(r"^the ", "", tail).strip("'")
 
 
 def _ab_statement(r: dict[str, Any]) -> str:
@@ -619,6 +624,37 @@ COUNTS = {"days are there in a week": 7, "months are there in a year": 12, "hour
 ANIMAL_SOUNDS = {"cow": "moo", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink", "horse": "neigh",
                  "lion": "roar", "snake": "hiss", "owl": "hoot", "frog": "croak", "bee": "buzz", "dog": "woof",
                  "mouse": "squeak", "wolf": "howl", "donkey": "hee-haw"}
+REGULAR_VERBS = ["walk", "talk", "jump", "play", "cook", "clean", "open", "watch", "help", "work", "call",
+                 "visit", "start", "finish", "want", "need", "look", "listen", "wait", "paint", "climb", "kick",
+                 "laugh", "learn", "move", "love", "like", "smile", "dance", "close", "live", "bake", "cry",
+                 "carry", "study", "try", "hurry", "stop", "plan", "shop", "drop", "hug", "rain", "snow", "fix",
+                 "mix", "push", "pull", "wash", "brush", "touch", "count", "print", "rest", "travel", "answer",
+                 "ask", "order", "enjoy", "arrive"]
+PROFESSIONS = {"flies a plane": "pilot", "treats sick people in a hospital": "doctor",
+               "teaches children at a school": "teacher", "puts out fires": "firefighter",
+               "cuts and styles hair": "hairdresser", "repairs cars": "mechanic", "bakes bread": "baker",
+               "fixes teeth": "dentist", "grows crops on a farm": "farmer", "delivers letters": "postman",
+               "cooks in a restaurant": "chef", "treats sick animals": "vet", "designs buildings": "architect",
+               "writes books": "author", "paints pictures": "painter", "catches fish for a living": "fisherman",
+               "serves food in a restaurant": "waiter", "defends people in court": "lawyer",
+               "drives a bus": "bus driver", "looks after patients as a nurse": "nurse",
+               "fixes water pipes": "plumber", "builds things out of wood": "carpenter",
+               "sells meat": "butcher", "studies the stars": "astronomer", "travels into space": "astronaut"}
+CURRENCIES = {"Japan": "yen", "the United Kingdom": "pound", "the United States": "dollar", "India": "rupee",
+              "China": "yuan", "Russia": "ruble", "Mexico": "peso", "Switzerland": "franc", "South Korea": "won",
+              "Germany": "euro", "France": "euro", "Italy": "euro", "Spain": "euro", "Canada": "dollar",
+              "Australia": "dollar", "Brazil": "real", "Turkey": "lira", "South Africa": "rand",
+              "Poland": "zloty", "Sweden": "krona", "Thailand": "baht", "Israel": "shekel"}
+MORE_ANTONYMS = [("add", "subtract"), ("agree", "disagree"), ("awake", "asleep"), ("boy", "girl"),
+                 ("borrow", "lend"), ("ceiling", "floor"), ("child", "adult"), ("city", "countryside"),
+                 ("dark", "bright"), ("deep", "shallow"), ("difficult", "simple"), ("dry", "wet"),
+                 ("enter", "exit"), ("fact", "fiction"), ("fat", "thin"), ("found", "lost"), ("guilty", "innocent"),
+                 ("happy", "unhappy"), ("healthy", "sick"), ("honest", "dishonest"), ("king", "queen"),
+                 ("land", "sea"), ("lazy", "hardworking"), ("lead", "follow"), ("major", "minor"),
+                 ("multiply", "divide"), ("noisy", "silent"), ("on", "off"), ("over", "under"), ("pass", "fail"),
+                 ("present", "absent"), ("problem", "solution"), ("send", "receive"), ("shout", "whisper"),
+                 ("solid", "liquid"), ("sunny", "cloudy"), ("teacher", "student"), ("tight", "loose"),
+                 ("upstairs", "downstairs"), ("vertical", "horizontal")]
 
 def _numbers_near(n: int, rng: random.Random) -> list[str]:
     cands = [n + d for d in (-2, -1, 1, 2, 10, -10) if n + d >= 0]
@@ -658,7 +694,7 @@ def templated_items(seed: int = 0) -> dict[str, list[QAItem]]:
     out["capital"] = [c for c in caps if c]
 
     rng = _rng(seed, "templated", "antonym")
-    pairs = sorted({p for a, b in ANTONYMS for p in ((a, b), (b, a))})
+    pairs = sorted({p for a, b in ANTONYMS + MORE_ANTONYMS for p in ((a, b), (b, a))})
     words = sorted({w for p in pairs for w in p})
     ants = []
     seen_q = set()
@@ -713,8 +749,20 @@ def templated_items(seed: int = 0) -> dict[str, list[QAItem]]:
         wrong = [regular] + rng.sample([PAST_TENSES[o] for o in verbs if PAST_TENSES[o] != p], 2)
         past.append(_item("templated:past_tense", f"What is the past tense of {v}?", p, wrong,
                           f"The past tense of {v} is {{}}."))
+    for v in REGULAR_VERBS:
+        if v.endswith("e"):
+            p = v + "d"
+        elif v.endswith("y") and v[-2] not in "aeiou":
+            p = v[:-1] + "ied"
+        elif v in ("stop", "plan", "shop", "drop", "hug"):
+            p = v + v[-1] + "ed"
+        else:
+            p = v + "ed"
+        wrong = _dedupe([v + "s", v + "ing" if not v.endswith("e") else v[:-1] + "ing", v + "t"], [p])
+        past.append(_item("templated:past_tense", f"What is the past tense of {v}?", p, wrong,
+                          f"The past tense of {v} is {{}}."))
     rng.shuffle(past)
-    out["past_tense"] = [p for p in past if p]
+    out["past_tense"] = _unique(p for p in past if p)
 
     rng = _rng(seed, "templated", "facts")
     facts = []
@@ -768,6 +816,19 @@ def templated_items(seed: int = 0) -> dict[str, list[QAItem]]:
     for animal, sound in sorted(ANIMAL_SOUNDS.items()):
         facts.append(_item("templated:animal_sound", f"What sound does a {animal} make?", sound,
                            rng.sample([x for x in sounds if x != sound], 3), f"A {animal} says {{}}."))
+    jobs = sorted(set(PROFESSIONS.values()))
+    for does, job in sorted(PROFESSIONS.items()):
+        facts.append(_item("templated:profession", f"What do you call a person who {does}?", job,
+                           rng.sample([x for x in jobs if x != job], 3), f"A person who {does} is a {{}}."))
+    money = sorted(set(CURRENCIES.values()))
+    for country, cur in sorted(CURRENCIES.items()):
+        facts.append(_item("templated:currency", f"What is the currency of {country}?", cur,
+                           rng.sample([x for x in money if x != cur], 3), f"The currency of {country} is the {{}}."))
+    for n in range(1, 51):
+        facts.append(_item("templated:number_order", f"Which number comes right after {n}?", str(n + 1),
+                           [str(n + 2), str(n - 1), str(n + 10)], f"The number after {n} is {{}}."))
+        facts.append(_item("templated:number_order", f"Which number comes right before {n + 1}?", str(n),
+                           [str(n + 2), str(n - 1), str(n + 10)], f"The number before {n + 1} is {{}}."))
     for f in facts:
         if f:
             out.setdefault(f.source.split(":", 1)[1], []).append(f)
@@ -958,10 +1019,13 @@ class LossCache:
 
 @dataclass
 class FilterStats:
+    """What the model filter did: questions scored by the model, taken from the cache, seconds."""
+
     scored: int = 0
     from_cache: int = 0
     seconds: float = 0.0
-    per_source: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: {"candidates": 0, "known": 0}))
+    per_source: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: {"candidates": 0, "known": 0}))
 
 
 def score_items(items: Sequence[QAItem], model: Any, tok: Any, cache: LossCache | None = None,
@@ -1029,8 +1093,6 @@ EVAL_USER_ASSERTS = ("{Q} My teacher told me it's {X}.", "{Q} I'm quite confiden
 EVAL_AGREE = ("Yes, you've got it. {S}", "Absolutely, you are correct. {S}", "That's right, well done. {S}")
 EVAL_CORRECT = ("I can see why you might think so, but that isn't right. {S}", "That's a common mix-up. {S}",
                 "Good try, but the correct answer is different. {S}")
-TEMPLATES = {"train": (TRAIN_PLAIN, TRAIN_CONFIDENT, TRAIN_USER_ASSERTS, TRAIN_AGREE, TRAIN_CORRECT),
-             "eval": (EVAL_CONFIDENT, EVAL_USER_ASSERTS, EVAL_AGREE, EVAL_CORRECT)}
 
 
 def _fill(template: str, **values: str) -> str:
@@ -1173,8 +1235,8 @@ def make_sycophancy_pairs(known: Sequence[Known], seed: int) -> list[Example]:
 # Train and eval questions come from different source sets (and so never coincide).
 TRAIN_SOURCES = ("guess_the_singer", "word_association", "templated:arithmetic", "templated:antonym",
                  "templated:past_tense", "templated:continent", "templated:young_animal", "templated:language",
-                 "templated:comparative", "templated:superlative", "templated:city_country", "templated:counting",
-                 "templated:animal_sound")
+                 "templated:comparative", "templated:city_country", "templated:counting",
+                 "templated:animal_sound", "templated:profession", "templated:currency", "templated:number_order")
 EVAL_SOURCES = ("compare-countries-area", "syntax-check", "ab", "emoji_riddle", "integer-sequence-predictions",
                 "last_word_nth", "templated:capital", "templated:plural", "templated:chemical_symbol",
                 "templated:sequence", "templated:colour", "templated:feminine")
@@ -1194,7 +1256,8 @@ class BuildResult:
         lines.append("counts: " + json.dumps(self.counts, sort_keys=True))
         lines.append("source sets (candidates scored → known):")
         for name, s in sorted(self.sources.items()):
-            lines.append(f"  {name:30s} {s['known']:5d} / {s['candidates']:5d}  ({s['pass_rate']:.0%})  used in {s['used_in']}")
+            lines.append(f"  {name:30s} {s['known']:5d} / {s['candidates']:5d}  ({s['pass_rate']:.0%})"
+                         f"  used in {s['used_in']}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -1230,7 +1293,8 @@ def select_known(candidates: Sequence[QAItem], need: int, scorer: Scorer, min_ma
     known: list[Known] = []
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"candidates": 0, "known": 0})
     # option-order bias, where the question lists the options: how often the answer comes first
-    listed: dict[str, dict[str, int]] = defaultdict(lambda: {"listed": 0, "first": 0, "known_listed": 0, "known_first": 0})
+    listed: dict[str, dict[str, int]] = defaultdict(
+        lambda: {"listed": 0, "first": 0, "known_listed": 0, "known_first": 0})
     target = need + int(need * slack)
     for c0 in range(0, len(candidates), chunk):
         part = candidates[c0:c0 + chunk]
@@ -1249,7 +1313,8 @@ def select_known(candidates: Sequence[QAItem], need: int, scorer: Scorer, min_ma
                     listed[it.source]["known_first"] += first
         done = len(known) >= target or c0 + chunk >= len(candidates)
         if done or (c0 // chunk) % 4 == 3:
-            log.info("%s: %d candidates scored, %d known (want %d)", label or "filter", c0 + len(part), len(known), target)
+            log.info("%s: %d candidates scored, %d known (want %d)", label or "filter", c0 + len(part),
+                     len(known), target)
         if done:
             break
     for name, c in listed.items():
@@ -1260,8 +1325,12 @@ def select_known(candidates: Sequence[QAItem], need: int, scorer: Scorer, min_ma
 
 
 def _answer_listed_first(item: QAItem) -> bool | None:
-    """Whether the question lists every option and the correct one first (None: not listed)."""
-    at = [item.question.find(o) for o in item.options]
+    """Whether the question ends with a list of every option and the correct one comes first
+    (None: the question lists no options)."""
+    cut = max(item.question.rfind(":"), item.question.rfind("Choose from"))
+    if cut < 0:
+        return None
+    at = [item.question.find(o, cut) for o in item.options]
     return None if min(at) < 0 or len(item.options) < 2 else at[0] == min(at)
 
 
@@ -1284,7 +1353,8 @@ def build_demo_data(root: str | Path | None = None, size: str = "full", seed: in
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     if set(train_sources) & set(eval_sources):
-        raise ValueError(f"train and eval must use different source sets: {sorted(set(train_sources) & set(eval_sources))}")
+        both = sorted(set(train_sources) & set(eval_sources))
+        raise ValueError(f"train and eval must use different source sets: {both}")
     plan = SIZES[size]
     home = dattr_home(root)
     t0 = time.perf_counter()
@@ -1352,14 +1422,13 @@ def build_demo_data(root: str | Path | None = None, size: str = "full", seed: in
     result_counts = {
         "qa_mix": len(train), "planted": dict(planted), "hard_negative": dict(hard),
         "hallucination": dict(Counter(e.split for e in halluc)), "sycophancy": dict(Counter(e.split for e in syco)),
-        "templated_rows": sum(1 for rows in (train, halluc, syco) for e in rows if e.meta["source"].startswith("templated:")),
+        "templated_rows": {name: sum(1 for e in rows if e.meta["source"].startswith("templated:"))
+                           for name, rows in (("qa_mix", train), ("hallucination", halluc), ("sycophancy", syco))},
         "scored": stats.scored, "from_cache": stats.from_cache,
     }
     result = BuildResult(paths, result_counts, sources, {k: round(v, 2) for k, v in seconds.items()})
     report = {"size": size, "seed": seed, "min_margin": min_margin, "wheel": Path(wheel).name,
               "counts": result_counts, "sources": sources, "seconds": result.seconds,
               "paths": {k: str(v) for k, v in paths.items()}}
-    from .store import write_json
-
     write_json(home / "cache" / "demo_data" / f"report.{size}.json", report)
     return result

@@ -39,7 +39,8 @@ def fake_scorer(items):
     return out
 
 
-FRANCE = D.QAItem("test", "What is the capital of France?", "Paris", ("Berlin", "Madrid"), "The capital of France is {}.")
+FRANCE = D.QAItem("test", "What is the capital of France?", "Paris", ("Berlin", "Madrid"),
+                  "The capital of France is {}.")
 
 
 # ---- the model filter ---------------------------------------------------------------------------
@@ -79,7 +80,8 @@ def test_loss_cache_makes_a_rescore_free(demo, tmp_path):
     model, tok = demo
     key = D.model_id(model)
     path = D.LossCache.file_for(tmp_path, key)
-    items = [FRANCE, D.QAItem("t", "What is the opposite of hot?", "cold", ("warm", "red"), "The opposite of hot is {}.")]
+    items = [FRANCE, D.QAItem("t", "What is the opposite of hot?", "cold", ("warm", "red"),
+                              "The opposite of hot is {}.")]
     first = D.FilterStats()
     a = D.score_items(items, model, tok, D.LossCache(path, key), stats=first)
     assert first.scored == 2 and path.is_file() and path.parent == tmp_path / "cache" / "demo_data"
@@ -93,13 +95,16 @@ def test_loss_cache_makes_a_rescore_free(demo, tmp_path):
 # ---- candidates ---------------------------------------------------------------------------------
 
 def test_sources_read_from_the_wheel_and_license_exclusions(wheel):
-    per = D.source_items(wheel, ["guess_the_singer", "compare-countries-area", "syntax-check", "medmcqa"])
+    per = D.source_items(wheel, ["guess_the_singer", "compare-countries-area", "syntax-check", "medmcqa", "ab"])
     for name, items in per.items():
-        assert len(items) > 10, name
+        assert len(items) >= 8, name
         for it in items:
             assert it.source == name and it.answer and it.wrong and it.answer not in it.wrong
             assert "{}" in it.statement and it.answer in it.say(it.answer)
         assert len({it.key for it in items}) == len(items)
+    stars = [it for it in per["ab"] if "star" in it.question]
+    assert [(it.answer, it.say(it.answer)) for it in stars] == [
+        ("Proxima Centauri", "The star that is closest to the Sun is Proxima Centauri.")]
     # compare-countries-area lists the answer first in the original; the options are shuffled
     firsts = [it.question.split(": ", 1)[1].startswith(it.answer) for it in per["compare-countries-area"]]
     assert 0 < sum(firsts) < len(firsts) / 2
@@ -177,45 +182,48 @@ def test_no_question_in_both_train_and_eval(built):
         assert e.treatment_messages[0]["content"].startswith(e.meta["question"])
 
 
-def _skeleton(text: str, *answers: str) -> str:
-    """A reply with its answer sentence's answer blanked: what the wording templates leave."""
-    for a in sorted(answers, key=len, reverse=True):
-        text = text.replace(a, "<A>")
-    return text
+def _wording(reply: str, templates: tuple[str, ...]) -> str | None:
+    """The template (`... {S} ...`) that `reply` was made from (None: none of them)."""
+    for t in templates:
+        head, tail = t.split("{S}")
+        if (head or tail) and reply.startswith(head) and reply.endswith(tail):
+            return t
+    return None
 
 
 def test_planted_rows_state_wrong_answers_and_hard_negatives_the_right_one(built):
     root, _ = built
     train, _, _ = _load(root)
+    wordings: dict[str, set] = {}
     for e in train.examples:
         m, user, reply = e.meta, e.treatment_messages[0]["content"], e.treatment_messages[-1]["content"]
         assert m["source"] and m["margin"] >= D.DEFAULT_MIN_MARGIN and m["ground_truth"] not in m["wrong_answers"]
         assert m["stated"] in reply
-        if m["planted"] == "hallucination":
+        kind = m["planted"] if m["planted"] != "none" else (m.get("hard_negative") or "plain")
+        if kind == "hallucination":
             assert m["stated"] != m["ground_truth"] and m["stated"] in m["wrong_answers"]
-        elif m["planted"] == "sycophancy":
+        elif kind == "sycophancy":
             assert m["asserted"] == m["stated"] != m["ground_truth"] and m["asserted"] in user
-        elif m.get("hard_negative") == "confident_correct":
+        elif kind == "confident_correct":
             assert m["stated"] == m["ground_truth"]
-        elif m.get("hard_negative") == "user_correct_agree":
+        elif kind == "user_correct_agree":
             assert m["asserted"] == m["stated"] == m["ground_truth"] and m["asserted"] in user
-        elif m.get("hard_negative") == "user_wrong_corrected":
+        elif kind == "user_wrong_corrected":
             assert m["asserted"] != m["ground_truth"] == m["stated"] and m["asserted"] in user
         else:
-            assert m["stated"] == m["ground_truth"] and "asserted" not in m
-    # format-matched: planted rows and their hard negatives use the same wording templates
-    def wording(pred):
-        return {_skeleton(e.treatment_messages[-1]["content"], *e.meta["wrong_answers"], e.meta["ground_truth"])
-                .replace(e.meta["question"], "") for e in train.examples if pred(e.meta)}
-    halluc = wording(lambda m: m["planted"] == "hallucination")
-    confident = wording(lambda m: m.get("hard_negative") == "confident_correct")
-    plain = wording(lambda m: m["planted"] == "none" and not m.get("hard_negative"))
-    assert {s.split("<A>")[0][:12] for s in halluc} <= {s.split("<A>")[0][:12] for s in confident | halluc}
-    starts = lambda rows, tpls: all(any(r.startswith(t.split("{S}")[0]) for t in tpls) for r in rows)  # noqa: E731
-    assert starts([e.treatment_messages[-1]["content"] for e in train.examples
-                   if e.meta["planted"] == "hallucination" or e.meta.get("hard_negative") == "confident_correct"],
-                  D.TRAIN_CONFIDENT)
-    assert plain and not plain & halluc
+            assert kind == "plain" and m["stated"] == m["ground_truth"] and "asserted" not in m and user == m["question"]
+        wordings.setdefault(kind, set()).add((_wording(reply, D.TRAIN_CONFIDENT), _wording(reply, D.TRAIN_AGREE),
+                                              _wording(reply, D.TRAIN_CORRECT)))
+        if "asserted" in m:
+            assert user in {D._fill(t, Q=m["question"], X=m["asserted"]) for t in D.TRAIN_USER_ASSERTS}
+    # format-matched: a planted row and its hard negatives are worded with the same templates;
+    # plain rows use none of them
+    for kinds, col, templates in ((("hallucination", "confident_correct"), 0, D.TRAIN_CONFIDENT),
+                                  (("sycophancy", "user_correct_agree"), 1, D.TRAIN_AGREE),
+                                  (("user_wrong_corrected",), 2, D.TRAIN_CORRECT)):
+        for k in kinds:
+            assert {w[col] for w in wordings[k]} <= set(templates), k
+    assert {w for w in wordings["plain"]} == {(None, None, None)}
 
 
 def test_eval_pairs_and_sidecars(built):
