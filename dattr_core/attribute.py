@@ -136,9 +136,11 @@ def _encode(ds: Dataset, tok: PreTrainedTokenizerBase, row: int, fieldname: str,
 
 
 def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = None, dtype: str | None = None,
-                    root: str | None = None) -> Dataset:
+                    root: str | None = None, model: PreTrainedModel | None = None,
+                    tok: PreTrainedTokenizerBase | None = None) -> Dataset:
     """The dataset with every missing control reply filled by the base model's greedy reply
-    (design §2, the `controls` step), saved once per (model, dataset) and reused after."""
+    (design §2, the `controls` step), saved once per (model, dataset) and reused after.
+    Pass a loaded `model`/`tok` to avoid loading the model a second time."""
     if all(e.control_messages is not None for e in ds.examples):
         return ds
     from .data import write_examples
@@ -146,12 +148,14 @@ def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = No
 
     name = model_name or "SmolLM2-135M-Instruct"
     out = dattr_home(root) / "controls" / model_slug(name) / f"{ds.name}.parquet"
-    if out.exists() and json.loads(out.with_suffix(".json").read_text()).get("source_sha256") == file_sha256(ds.path):
+    source = out.with_suffix(".json")  # written last: present means the filled file is complete
+    if source.exists() and json.loads(source.read_text()).get("source_sha256") == file_sha256(ds.path):
         return load_dataset(out, ds.kind)
-    model, tok = load_model(resolve_model(model_name), device, dtype)
+    if model is None or tok is None:
+        model, tok = load_model(resolve_model(model_name), device, dtype)
     filled = fill_controls(ds, model, tok, model_name=name)
     write_examples(out, filled)
-    write_json(out.with_suffix(".json"), {"source": str(ds.path), "source_sha256": file_sha256(ds.path), "model": name})
+    write_json(source, {"source": str(ds.path), "source_sha256": file_sha256(ds.path), "model": name})
     return load_dataset(out, ds.kind)
 
 

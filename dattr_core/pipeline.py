@@ -43,13 +43,18 @@ def base_dir(eval_name: str, root: str | Path | None = None) -> Path:
     return experiment_dir(BASE, "-", eval_name, root)
 
 
-def _vectors(settings: Settings, method: str, dataset: str, root) -> VectorSet:
-    return VectorSet.open(vectors_dir(settings_tag(settings), method, dataset, root))
-
-
 def experiment_scores(exp: Experiment, train: Dataset, evals: Mapping[str, Dataset], settings: Settings,
-                      root: str | Path | None = None, model=None, tok=None) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """(train ids, scores[n_train, n_evals], provenance) of one experiment against several eval sets."""
+                      root: str | Path | None = None, model=None, tok=None, tag: str | None = None,
+                      control_method: str | None = None) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """(train ids, scores[n_train, n_evals], provenance) of one experiment against several eval sets.
+
+    Vectors come from `vectors/{tag}/...` (default: the settings' model and layer); the control
+    vectors of `cos_sim_debias_eval` from `control_method` (default: the query method's own)."""
+    tag = tag or settings_tag(settings)
+
+    def _vectors(method: str, dataset: str) -> VectorSet:
+        return VectorSet.open(vectors_dir(tag, method, dataset, root))
+
     from . import baselines
 
     attr_rows = {name: scoring.attribution_split(ds) for name, ds in evals.items()}
@@ -68,21 +73,21 @@ def experiment_scores(exp: Experiment, train: Dataset, evals: Mapping[str, Datas
     if exp.name == "random":
         seed = settings.selection_seed
         return train.ids, np.repeat(random_scores(len(train), seed)[:, None], n_evals, 1), {"seed": seed}
-    train_vs = _vectors(settings, exp.attr, train.name, root)
+    train_vs = _vectors(exp.attr, train.name)
     if train_vs.ids != train.ids:
         raise VectorError(f"{train_vs.path}: vectors cover {len(train_vs)} ids but {train.path} has {len(train)} rows "
                           "or other ids (stale vectors? re-run attribution)")
     rule = settings.scoring_rule
     queries = {}
     for name, rows in attr_rows.items():
-        control = (_vectors(settings, control_method_for(exp.query), name, root)
+        control = (_vectors(control_method or control_method_for(exp.query), name)
                    if rule == "cos_sim_debias_eval" else None)
-        query_vs = _vectors(settings, exp.query, name, root)
+        query_vs = _vectors(exp.query, name)
         # pv vectors exist only for the prompts whose persona replies were non-empty
         ids = query_vs.ids if exp.query == "pv" else [e.id for e in rows]
         queries[name] = scoring.Query.from_vectors(query_vs, ids, control)
     ids, scores = scoring.score_matrix(train_vs, queries, rule)
-    return ids, scores, {"rule": rule, "model_tag": train_vs.meta["model_tag"]}
+    return ids, scores, {"rule": rule, "model_tag": tag}
 
 
 def score_pair(exp: Experiment, train: Dataset, eval_ds: Dataset, settings: Settings,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,9 @@ def model_dir(tmp_path_factory, tiny, tok) -> Path:
     tiny.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def restore_default_signals() -> None:
+    """`preexec_fn` for test children: background jobs here start with SIGINT/SIGTERM ignored."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)

@@ -132,8 +132,6 @@ def test_attribute_writes_every_row_once_and_resumes(tiny, tok, small_train):
     assert vs.ids == small_train.ids and vs.load().shape == (23, 64)
     assert vs.meta["layer"] == LAYER and vs.meta["method"] == "rc" and vs.meta["count"] == 23
     full = {m: v.load() for m, v in res.vectors.items()}
-    # rd / rc are treatment minus control of the per-sequence methods
-    np.testing.assert_allclose(full["rct"], res.vectors["rct"].load())
     # interrupt: lose one finished shard (and meta) → only that shard is recomputed
     for v in res.vectors.values():
         (v.path / "shard-00002.npy").unlink()

@@ -157,10 +157,7 @@ def test_vectors_of_another_layer_are_refused(vector_home, tmp_path, capsys):
     assert code == 2 and "layer" in err and not (tmp_path / "s.parquet").exists()
 
 
-def test_unknown_method_layer_out_of_range_and_overlong_reply(tmp_path, tiny, tok, capsys):
-    model_dir = tmp_path / "m"
-    tiny.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_unknown_method_layer_out_of_range_and_overlong_reply(tmp_path, model_dir, capsys):
     data = write_examples(tmp_path / "d.parquet", make_examples(4))
     base = ["attribute", "--data", str(data), "--model", str(model_dir), "--root", str(tmp_path / "h"), "--no-progress"]
     assert main(base + ["--methods", "rct,magic"]) == 2

@@ -11,10 +11,7 @@ from dattr_assets.demo import add_dataset_partitions, dagster_dev, free_port, la
 
 
 @pytest.mark.slow
-def test_backfill_2x2_through_the_daemon_respects_the_gpu_pool(tmp_path, tiny, tok, monkeypatch):
-    model_dir = tmp_path / "model"
-    tiny.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_backfill_2x2_through_the_daemon_respects_the_gpu_pool(tmp_path, model_dir, monkeypatch):
     cfg = write_project(tmp_path, model_dir, trains=("tr_a", "tr_b"), evals=("ev_a", "ev_b"), experiments=("rct-rc",))
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()

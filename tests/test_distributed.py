@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import make_examples
+from conftest import make_examples, restore_default_signals
 from dattr_core.data import write_examples
 from dattr_core.store import VectorSet
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    # Background processes here start with SIGINT/SIGTERM ignored: give the child the defaults back.
-    def restore() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=restore)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=restore_default_signals)
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path, tiny, tok):
-    model_dir = tmp_path / "tiny-llama"
-    tiny.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_two_ranks_equal_one_process(tmp_path, model_dir):
     data = write_examples(tmp_path / "d.parquet", make_examples(17))
     args = ["attribute", "--data", str(data), "--model", str(model_dir), "--layer", "2", "--shard-size", "3",
             "--methods", "rd,rct,rc,grad", "--no-progress"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from dagster import DagsterInstance
 
-from conftest import make_examples
+from conftest import make_examples, restore_default_signals
 from dagster_fixtures import materialize_pair, write_project
 from dattr_assets.definitions import build_definitions
 from dattr_assets.defs.resources import DattrResource
@@ -25,11 +25,6 @@ from dattr_core.store import VectorSet, atomic_path
 from openai_server import OpenAIServer, good
 
 METHODS = "rct,rc,rd"
-
-
-def _restore_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _attribute_cmd(data: Path, model_dir: Path, home: Path) -> list[str]:
@@ -43,7 +38,7 @@ def reference(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("ref")
     data = write_examples(root / "d.parquet", make_examples(90))
     r = subprocess.run(_attribute_cmd(data, model_dir, root / "home"), capture_output=True, text=True,
-                       preexec_fn=_restore_signals, timeout=600)
+                       preexec_fn=restore_default_signals, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return data, {m: VectorSet.open(next((root / "home").glob(f"vectors/*/{m}/d"))) for m in METHODS.split(",")}
 
@@ -66,7 +61,7 @@ def test_sigkill_at_a_random_shard_then_resume(tmp_path, model_dir, reference):
     home = tmp_path / "home"
     kill_after = random.Random(os.getpid()).randint(2, 20)
     proc = subprocess.Popen(_attribute_cmd(data, model_dir, home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_restore_signals)
+                            preexec_fn=restore_default_signals)
     deadline = time.monotonic() + 300
     while _shards_done(home) < kill_after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -76,7 +71,7 @@ def test_sigkill_at_a_random_shard_then_resume(tmp_path, model_dir, reference):
     done = _shards_done(home)
     assert 0 < done < 30 and not list(home.glob("vectors/**/meta.json"))
     again = subprocess.run(_attribute_cmd(data, model_dir, home), capture_output=True, text=True,
-                           preexec_fn=_restore_signals, timeout=600)
+                           preexec_fn=restore_default_signals, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     computed, reused = map(int, re.search(r"(\d+) shards computed, (\d+) reused", again.stdout).groups())
     assert reused >= done and computed + reused == 30  # finished shards are not recomputed
@@ -87,7 +82,7 @@ def test_two_writers_of_the_same_partition_do_not_corrupt_each_other(tmp_path, m
     data, ref = reference
     home = tmp_path / "home"
     procs = [subprocess.Popen(_attribute_cmd(data, model_dir, home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              preexec_fn=_restore_signals) for _ in range(2)]
+                              preexec_fn=restore_default_signals) for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]

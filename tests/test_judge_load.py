@@ -17,15 +17,12 @@ import polars as pl
 from dattr_core.data import Example, Trait, write_examples
 from dattr_core.judge import JudgeConfig, JudgeItem, judge_replies
 
+from conftest import restore_default_signals
 from openai_server import Behaviour, OpenAIServer, delayed, good, marked, status, text
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def restore_default_signals() -> None:
-    """Background jobs here start with SIGINT/SIGTERM ignored; give a child the defaults back."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_DFL)
 TRAIT = Trait("hallucination", "trait_0_3", "States made-up facts as if they were true.")
 # `dattr judge` exactly as the CLI registers it, without importing the other (torch-heavy) commands
 JUDGE_COMMAND = """

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_examples
+from conftest import make_examples, restore_default_signals
 from dattr_core.data import load_dataset, write_examples
 from dattr_core.models import collate, encode_chat
 from dattr_core.store import VectorSet, model_tag, vectors_dir
@@ -159,13 +158,9 @@ print(json.dumps({"vectors": hashlib.sha256(v.tobytes()).hexdigest(), "projectio
 
 
 def test_same_bytes_in_two_fresh_processes(tiny, tok):
-    def restore() -> None:  # background shells start children with SIGINT/SIGTERM ignored
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "random"}
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(TESTS)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, preexec_fn=restore) for _ in range(2)]
+                              stderr=subprocess.PIPE, text=True, preexec_fn=restore_default_signals) for _ in range(2)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -238,10 +233,7 @@ attribute_trak(load_dataset(sys.argv[1], "train"), TrakConfig(model=sys.argv[2],
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path, tiny, tok):
-    model_dir = tmp_path / "tiny-llama"
-    tiny.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_two_ranks_equal_one_process(tmp_path, model_dir):
     data = write_examples(tmp_path / "d.parquet", make_examples(11))
     script = tmp_path / "run_trak.py"
     script.write_text(_RANKS)
@@ -251,7 +243,7 @@ def test_two_ranks_equal_one_process(tmp_path, tiny, tok):
         env = {**os.environ, "DATTR_HOME": str(tmp_path / name), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(TESTS.parent)}
         r = subprocess.run(prefix + [str(script), str(data), str(model_dir)], env=env, capture_output=True, text=True,
-                           timeout=300)
+                           timeout=300, preexec_fn=restore_default_signals)
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = VectorSet.open(next((tmp_path / name).glob("vectors/*/trak/d")))
     assert out["one"].ids == out["two"].ids == [f"ex{i}" for i in range(11)]

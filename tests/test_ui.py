@@ -32,10 +32,7 @@ def chromium(url: str, profile: Path, *extra: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (make setup installs it as root)")
-def test_ui_shows_asset_graph_and_leaderboard(tmp_path, tiny, tok, monkeypatch):
-    model_dir = tmp_path / "model"
-    tiny.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_ui_shows_asset_graph_and_leaderboard(tmp_path, model_dir, monkeypatch):
     cfg = write_project(tmp_path, model_dir)
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import polars as pl
-from dagster import (AssetCheckResult, AssetCheckSpec, AssetDep, AssetExecutionContext, AssetKey, AssetSpec,
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetDep, AssetExecutionContext, AssetKey,
                      AutomationCondition, MaterializeResult, MetadataValue, TableColumn, TableRecord, TableSchema,
                      asset)
 
@@ -82,7 +82,8 @@ def experiment_assets(exp: Experiment) -> list:
         s = dattr.settings()
         path, chosen = pipeline.select_pair(exp, train, eval_ds.name, s, dattr.root)
         table = pl.read_parquet(path)
-        planted = sum(1 for x in chosen if train.examples[train.ids.index(x)].meta.get("planted") not in (None, "none"))
+        by_id = {e.id: e for e in train.examples}
+        planted = sum(1 for x in chosen if by_id[x].meta.get("planted") not in (None, "none"))
         return MaterializeResult(
             metadata={"path": MetadataValue.path(str(path)), "selected": len(chosen), "k": s.k,
                       "planted_selected": planted,

@@ -46,11 +46,11 @@ def vector_checks(vs: VectorSet, rows: int, key: AssetKey) -> list[AssetCheckRes
 
 def vector_metadata(vs: VectorSet) -> dict:
     m = vs.meta
-    sample = vs.load()[: min(len(vs), 512)]
+    _, sample = next(vs.iter_shards(check_finite=False))  # one shard is sample enough; the checks judge NaN
     return {"path": MetadataValue.path(str(vs.path)), "rows": len(vs), "dim": vs.dim, "model": m["model"],
             "layer": m["layer"], "method": m["method"], "model_tag": m["model_tag"],
             "examples_per_s": m["timings"]["examples_per_s"] or 0.0, "seconds": m["timings"]["seconds"],
-            "world_size": m["world_size"], "mean_norm": float(np.linalg.norm(sample, axis=1).mean())}
+            "world_size": m["world_size"], "mean_norm": float(np.nanmean(np.linalg.norm(sample, axis=1)))}
 
 
 def _attribute_config(s: Settings, methods: list[str], root) -> AttributeConfig:
@@ -93,8 +93,9 @@ def activation_vectors(kind: str, methods: list[str]):
                 vs = VectorSet.open(vectors_dir(tag, m, context.partition_key, dattr.root))
                 yield from vector_checks(vs, rows, vectors_key(m, kind))
             return
-        ds = ensure_controls(load_dataset(path, kind), s.model, s.device, s.dtype, dattr.root)
-        res = attribute(ds, _attribute_config(s, methods, dattr.root), progress=False)
+        model, tok = load_model(s.model, s.device, s.dtype)  # once, for controls and vectors
+        ds = ensure_controls(load_dataset(path, kind), s.model, root=dattr.root, model=model, tok=tok)
+        res = attribute(ds, _attribute_config(s, methods, dattr.root), model, tok, progress=False)
         context.log.info(f"{ds.name}: {res.shards_computed} shards computed, {res.shards_reused} reused, "
                          f"{res.examples_per_s:.1f} examples/s")
         for m, vs in res.vectors.items():

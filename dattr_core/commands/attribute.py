@@ -22,14 +22,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     init_distributed()
     ds = load_dataset(args.data, args.kind)
+    model, tok = load_model(args.model, args.device, args.dtype)
     if args.controls:
-        ds = ensure_controls(ds, args.model, args.device, args.dtype, args.root)
+        ds = ensure_controls(ds, args.model, root=args.root, model=model, tok=tok)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     activation = [m for m in methods if m != "trak"]
     common = dict(model=args.model, layer=args.layer, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
                   shard_size=args.shard_size, storage_dtype=args.storage_dtype, device=args.device, dtype=args.dtype,
                   root=args.root)
-    model, tok = load_model(args.model, args.device, args.dtype)
     results = []
     if activation or not methods:
         results.append(attribute(ds, AttributeConfig(methods=activation, **common), model, tok, not args.no_progress))

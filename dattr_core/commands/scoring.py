@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from ..data import Dataset, Example, load_dataset, validate_name
+from ..data import load_dataset, validate_name
 from ..scoring import DEFAULT_RULE, RULES, Query, attribution_split, read_scores, score_matrix, write_scores
-from ..selection import DEFAULT_K, STRATEGIES, random_scores, select, write_selection
-from ..store import VectorError, VectorSet, dattr_home, experiment_dir, vectors_dir
+from ..selection import DEFAULT_K, STRATEGIES, select, write_selection
+from ..store import VectorSet, dattr_home, experiment_dir
+from ..config import Settings, parse_experiment
+from ..pipeline import experiment_scores
 from .finetune import dataset_path
 
 BASELINES = ("emb", "lex", "loss", "random")
@@ -46,7 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _select_args(p)
     p.add_argument("--model-tag", help="vectors/{model_tag}/... (default: the only one there)")
     p.add_argument("--model", default=None, help="base model for the loss baseline (default: the demo model)")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size of the loss and emb baselines")
     p.set_defaults(func=cmd_rank)
 
 
@@ -95,59 +92,20 @@ def _model_tag(args: argparse.Namespace) -> str:
     return tags[0]
 
 
-def _vector_scores(
-    exp: str, train: Dataset, evals: Mapping[str, list[Example]], args: argparse.Namespace
-) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """Scores of experiment `A-Q`: train vectors of method A against queries of method Q."""
-    attr, query_method = exp.split("-")
-    tag = _model_tag(args)
-    train_vs = VectorSet.open(vectors_dir(tag, attr, train.name))
-    if set(train_vs.ids) != set(train.ids):
-        raise VectorError(f"{train_vs.path}: vectors cover {len(train_vs)} ids but {train.path} has {len(train)} "
-                          "rows, or other ids (stale vectors? rerun `dattr attribute`)")
-    if args.rule == "cos_sim_debias_eval" and not args.control_method:
-        raise ValueError("rule cos_sim_debias_eval needs --control-method (vectors of the control replies)")
-    queries = {}
-    for name, rows in evals.items():
-        ids = [e.id for e in rows]
-        control = VectorSet.open(vectors_dir(tag, args.control_method, name)) if args.control_method else None
-        queries[name] = Query.from_vectors(VectorSet.open(vectors_dir(tag, query_method, name)), ids, control)
-    ids, scores = score_matrix(train_vs, queries, args.rule)
-    return ids, scores, {"rule": args.rule, "model_tag": tag}
-
-
-def _experiment_scores(
-    exp: str, train: Dataset, evals: Mapping[str, list[Example]], args: argparse.Namespace
-) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """(train ids, scores[n_train, n_evals], provenance) of one experiment."""
-    from .. import baselines
-
-    n_evals = len(evals)
-    if exp == "emb":
-        return train.ids, baselines.emb_scores(train.examples, evals, args.batch_size), {}
-    if exp == "lex":
-        return train.ids, baselines.lex_scores(train.examples, evals), {}
-    if exp == "loss":
-        from ..models import load_model
-
-        model, tok = load_model(args.model)
-        col = baselines.loss_scores(train.examples, model, tok, args.batch_size)
-        return train.ids, np.repeat(col[:, None], n_evals, 1), {"model": args.model or "demo"}
-    if exp == "random":
-        return train.ids, np.repeat(random_scores(len(train), args.seed)[:, None], n_evals, 1), {"seed": args.seed}
-    if exp.count("-") == 1 and all(exp.split("-")):
-        return _vector_scores(exp, train, evals, args)
-    raise ValueError(f"unknown experiment {exp!r}: use {{attr}}-{{query}} (e.g. rct-rc) or one of {BASELINES}")
-
-
 def cmd_rank(args: argparse.Namespace) -> int:
     train = load_dataset(dataset_path(args.train, "train"), "train")
     evals = {}
     for name in args.eval:
         ds = load_dataset(dataset_path(name, "eval"), "eval", require_trait=False)
-        evals[ds.name] = attribution_split(ds)
+        evals[ds.name] = ds
+    settings = Settings(model=args.model, scoring_rule=args.rule, selection_seed=args.seed, k=args.k)
+    vector_tag = None
     for exp in args.experiments:
-        ids, scores, info = _experiment_scores(exp, train, evals, args)
+        parsed = parse_experiment(exp)
+        if not parsed.is_reference:
+            vector_tag = vector_tag or _model_tag(args)
+        ids, scores, info = experiment_scores(parsed, train, evals, settings, tag=vector_tag,
+                                              control_method=args.control_method)
         folder = exp if exp in BASELINES or args.rule == DEFAULT_RULE else f"{exp}.{args.rule}"
         for j, name in enumerate(evals):
             out = experiment_dir(validate_name(folder, "experiment"), train.name, name)
