@@ -14,6 +14,7 @@ read to score the rankings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import time
@@ -37,15 +38,17 @@ EXPERIMENTS = ["rct-rc", "rct-rd", "rct-rct", "rd-rd", "rc-rc", "rct_response-rc
                "trak-trak", "emb", "lex", "loss", "random"]
 RULES = ["cos_sim", "proj", "dot", "cos_sim_debias_train", "cos_sim_debias_eval"]
 KS = (25, 50, 100)
-MARK = ("<!-- quality:begin -->", "<!-- quality:end -->")
 
 
 PAIRED = ["rd", "rc", "residual_control", "rct_control"]
 
 
-def ensure_vectors(train: Dataset, evals: list[Dataset], s: Settings, home: str | None) -> None:
-    """Compute whatever vectors are missing (each step resumes from finished shards). Train rows
-    without a control reply get the treatment-only methods; rd/rc train vectors then don't exist."""
+def ensure_vectors(train: Dataset, evals: list[Dataset], s: Settings, experiments: list[str],
+                   home: str | None) -> None:
+    """Compute whatever vectors the experiments need and are missing (each step resumes from
+    finished shards). Train rows without a control reply get the treatment-only methods; rd/rc
+    train vectors then don't exist and their rows say so."""
+    parts = {m for e in experiments if "-" in e for m in e.split("-")}
     model, tok = load_model(s.model, s.device, s.dtype)
     layer = resolve_layer(s)
     methods = ["residual", "grad", "rct", "rct_response"]
@@ -55,9 +58,10 @@ def ensure_vectors(train: Dataset, evals: list[Dataset], s: Settings, home: str 
         t = time.perf_counter()
         paired = all(e.control_messages is not None for e in ds.examples)
         attribute(ds, AttributeConfig(**{**cfg.__dict__, "methods": methods + (PAIRED if paired else [])}), model, tok)
-        attribute_trak(ds, TrakConfig(model=s.model, layer=layer, max_tokens=s.max_tokens, root=home), model, tok)
+        if "trak" in parts:
+            attribute_trak(ds, TrakConfig(model=s.model, layer=layer, max_tokens=s.max_tokens, root=home), model, tok)
         print(f"vectors of {ds.name}: {time.perf_counter() - t:.0f}s", file=sys.stderr)
-    for ds in evals:
+    for ds in evals if "pv" in parts else []:
         try:
             VectorSet.open(vectors_dir(settings_tag(s), "pv", ds.name, home))
         except VectorError:
@@ -101,16 +105,20 @@ def main() -> None:
     p.add_argument("--boot", type=int, default=200)
     p.add_argument("--draws", type=int, default=2000)
     p.add_argument("--root", default=None, help="DATTR_HOME")
+    p.add_argument("--layer", type=int, default=None, help="residual layer (default: the settings' layer)")
     p.add_argument("--train-controls", action="store_true",
                    help="generate control replies for the train set (slow on CPU) so rd-*/rc-* can run")
     p.add_argument("--out", default=None, help="write the table into this markdown file (between markers)")
+    p.add_argument("--section", default="main", help="marker name in --out, so runs at several layers coexist")
     args = p.parse_args()
     s = load_settings()
+    if args.layer is not None:
+        s = dataclasses.replace(s, layer=args.layer)
     train = load_dataset(dataset_file("train", args.train, args.root), "train")
     if args.train_controls:  # rd / rc train vectors need a control reply per train row (greedy generation)
         train = ensure_controls(train, s.model, s.device, s.dtype, args.root)
     evals = [load_dataset(dataset_file("eval", e, args.root), "eval") for e in args.evals]
-    ensure_vectors(train, evals, s, args.root)
+    ensure_vectors(train, evals, s, args.experiments, args.root)
     rows = []
     for ev in evals:
         labels = np.array([e.meta.get("planted") == ev.trait.trait or e.meta.get("planted") == ev.name
@@ -170,13 +178,14 @@ def main() -> None:
             + "|---" * (5 + 2 * len(KS)) + "|\n")
     table = head + "\n".join(rows)
     cmd = "python bench/quality.py " + " ".join(sys.argv[1:])
-    text = f"{MARK[0]}\nModel {s.model or 'SmolLM2-135M-Instruct'}, layer {resolve_layer(s)}; `{cmd}`\n\n{table}\n{MARK[1]}"
+    mark = (f"<!-- quality:{args.section}:begin -->", f"<!-- quality:{args.section}:end -->")
+    text = f"{mark[0]}\nModel {s.model or 'SmolLM2-135M-Instruct'}, layer {resolve_layer(s)}; `{cmd}`\n\n{table}\n{mark[1]}"
     print(text)
     if args.out:
         path = Path(args.out)
         old = path.read_text() if path.exists() else ""
-        new = re.sub(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]), lambda _: text, old, flags=re.S) \
-            if MARK[0] in old else old + "\n" + text + "\n"
+        new = re.sub(re.escape(mark[0]) + ".*?" + re.escape(mark[1]), lambda _: text, old, flags=re.S) \
+            if mark[0] in old else old + "\n" + text + "\n"
         path.write_text(new)
 
 

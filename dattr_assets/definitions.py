@@ -19,17 +19,17 @@ from .defs.vectors import activation_vectors, persona_vectors_asset, trak_vector
 
 def build_definitions(config_path: str | None = None) -> Definitions:
     settings = load_settings(config_path)
-    methods = settings.activation_methods()
     assets = [train_dataset, eval_dataset]
-    if methods:
-        assets += [activation_vectors("train", methods), activation_vectors("eval", methods)]
+    for kind in ("train", "eval"):
+        if settings.activation_methods(kind):
+            assets.append(activation_vectors(kind, settings.activation_methods(kind)))
     if settings.needs("trak"):
         assets += [trak_vectors_asset("train"), trak_vectors_asset("eval")]
     if settings.needs("pv"):
         assets.append(persona_vectors_asset())
     experiments = settings.parsed_experiments
     for exp in experiments:
-        assets += experiment_assets(exp)
+        assets += experiment_assets(exp, settings.rule_of(exp))
     assets += base_assets() + [leaderboard_asset(experiments)]
     return Definitions(
         assets=assets,

@@ -175,8 +175,7 @@ def main() -> int:
                     resources=defs.resources)
     rows = leaderboard.collect()
     print(f"\nbackfill {backfill_id}: {status}\n")
-    print(leaderboard.to_markdown(rows))
-    print(leaderboard.bar_chart(rows))
+    print(leaderboard.report(rows))
     print("\nOpen the UI with `make ui` (dagster dev on http://127.0.0.1:3000): assets, lineage, runs, metadata.")
     return 0 if status in ("COMPLETED_SUCCESS", "COMPLETED") else 1
 

@@ -14,20 +14,25 @@ from typing import Any
 
 import yaml
 
+from .methods import control_method_for
+
 ATTR_METHODS = ("rd", "rct", "rc", "rct_response", "grad", "residual", "trak")
 QUERY_METHODS = ATTR_METHODS + ("pv",)
 REFERENCE_RANKINGS = ("emb", "lex", "loss", "random")
 SCORING_RULES = ("cos_sim", "proj", "dot", "cos_sim_debias_train", "cos_sim_debias_eval")
-_EXPERIMENT_RE = re.compile(r"^([a-z_]+)-([a-z_]+)$")
+_EXPERIMENT_RE = re.compile(r"^([a-z_]+)-([a-z_]+)(?:-([a-z_]+))?$")
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """An experiment name `{attr}-{query}` or a reference ranking (`emb`, `lex`, `loss`, `random`)."""
+    """An experiment name `{attr}-{query}[-{rule}]` or a reference ranking (`emb`, `lex`, `loss`,
+    `random`). Design §1: an experiment is (method, query, scoring rule, k); without a `-{rule}`
+    suffix it uses the settings' `scoring_rule`, e.g. `rct-rct-cos_sim_debias_train`."""
 
     name: str
     attr: str | None = None
     query: str | None = None
+    rule: str | None = None
 
     @property
     def is_reference(self) -> bool:
@@ -38,14 +43,15 @@ def parse_experiment(name: str) -> Experiment:
     if name in REFERENCE_RANKINGS:
         return Experiment(name)
     m = _EXPERIMENT_RE.match(name)
-    if not m or m.group(1) not in ATTR_METHODS or m.group(2) not in QUERY_METHODS:
+    if not m or m.group(1) not in ATTR_METHODS or m.group(2) not in QUERY_METHODS \
+            or (m.group(3) and m.group(3) not in SCORING_RULES):
         raise ValueError(
-            f"unknown experiment {name!r}: use '{{attr}}-{{query}}' with attr in {ATTR_METHODS} and query in "
-            f"{QUERY_METHODS}, or one of {REFERENCE_RANKINGS}"
+            f"unknown experiment {name!r}: use '{{attr}}-{{query}}[-{{rule}}]' with attr in {ATTR_METHODS}, query "
+            f"in {QUERY_METHODS} and rule in {SCORING_RULES}, or one of {REFERENCE_RANKINGS}"
         )
     if (m.group(1) == "trak") != (m.group(2) == "trak"):
         raise ValueError(f"experiment {name!r}: trak vectors live in weight space; use trak-trak")
-    return Experiment(name, m.group(1), m.group(2))
+    return Experiment(name, m.group(1), m.group(2), m.group(3))
 
 
 @dataclass
@@ -70,10 +76,19 @@ class Settings:
     def parsed_experiments(self) -> list[Experiment]:
         return [parse_experiment(e) for e in self.experiments]
 
-    def activation_methods(self) -> list[str]:
-        """Activation methods any experiment needs, for train (attr) and eval (query) sides."""
+    def rule_of(self, exp: Experiment) -> str:
+        return exp.rule or self.scoring_rule
+
+    def activation_methods(self, kind: str = "train") -> list[str]:
+        """Activation methods any experiment needs (attr and query methods, computed on both sides
+        so one pass serves every experiment), plus on the eval side the control-reply vectors that
+        `cos_sim_debias_eval` experiments need."""
         used = {m for e in self.parsed_experiments for m in (e.attr, e.query) if m}
-        return [m for m in ATTR_METHODS if m in used and m != "trak"]
+        methods = [m for m in ATTR_METHODS if m in used and m != "trak"]
+        if kind == "eval":
+            methods += sorted({control_method_for(e.query) for e in self.parsed_experiments
+                               if e.query and self.rule_of(e) == "cos_sim_debias_eval"})
+        return methods
 
     def needs(self, method: str) -> bool:
         return any(method in (e.attr, e.query) for e in self.parsed_experiments)

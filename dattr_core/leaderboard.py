@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 
 from .store import atomic_path, dattr_home
 
-COLUMNS = ("experiment", "train", "eval", "trait", "trait_avg", "n_judged", "n_unparsed", "judge",
+# gt_wrong: share of replies committing to a wrong answer per `meta.ground_truth` (judge-free).
+COLUMNS = ("experiment", "train", "eval", "trait", "trait_avg", "n_judged", "n_unparsed", "judge", "gt_wrong",
            "gap_base", "gap_tuned", "gap_drop")
 
 
@@ -23,10 +24,12 @@ def collect(root: str | Path | None = None) -> list[dict[str, Any]]:
         m = json.loads(path.read_text(encoding="utf-8"))
         judge = m.get("judge") or {}
         gap = m["preference_gap"]
+        check = m.get("ground_truth_check") or {}
         rows.append({
             "experiment": exp, "train": train, "eval": eval_, "trait": m["trait"],
             "trait_avg": judge.get(f"{m['trait']}_avg"), "n_judged": judge.get("n_judged", 0),
             "n_unparsed": judge.get("n_unparsed", 0), "judge": ",".join(judge.get("judges", [])) or "none",
+            "gt_wrong": check.get("wrong_rate"),
             "gap_base": gap["base"]["gap"], "gap_tuned": gap["tuned"]["gap"], "gap_drop": gap["drop"],
         })
     return rows
@@ -55,11 +58,19 @@ def bar_chart(rows: list[dict[str, Any]], value: str = "trait_avg", width: int =
     return "\n".join(lines)
 
 
+CHARTS = ("trait_avg", "gt_wrong", "gap_drop")
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """The table and one bar chart per headline metric: what the CLI, the demo and the asset show."""
+    return to_markdown(rows) + "\n```\n" + "\n\n".join(bar_chart(rows, v) for v in CHARTS) + "\n```\n"
+
+
 def write(rows: list[dict[str, Any]], root: str | Path | None = None) -> Path:
     out = dattr_home(root) / "leaderboard.parquet"
     table = pa.table({c: [r[c] for r in rows] for c in COLUMNS}) if rows else pa.table({c: [] for c in COLUMNS})
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
     with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(to_markdown(rows) + "\n```\n" + bar_chart(rows) + "\n```\n", encoding="utf-8")
+        tmp.write_text(report(rows), encoding="utf-8")
     return out

@@ -77,7 +77,7 @@ def experiment_scores(exp: Experiment, train: Dataset, evals: Mapping[str, Datas
     if train_vs.ids != train.ids:
         raise VectorError(f"{train_vs.path}: vectors cover {len(train_vs)} ids but {train.path} has {len(train)} rows "
                           "or other ids (stale vectors? re-run attribution)")
-    rule = settings.scoring_rule
+    rule = exp.rule or settings.scoring_rule
     queries = {}
     for name, rows in attr_rows.items():
         control = (_vectors(control_method or control_method_for(exp.query), name)
@@ -137,11 +137,10 @@ def finetune_pair(exp: Experiment, train_name: str, eval_name: str, settings: Se
     return out / "adapter", summary
 
 
-def _judge(eval_ds: Dataset, generations: Path, out_dir: Path, settings: Settings, root) -> tuple[dict[str, Any], str]:
+def _judge(eval_ds: Dataset, items: list, out_dir: Path, settings: Settings, root) -> tuple[dict[str, Any], str]:
     """Judge the generations: an LLM judge when configured, else the offline ground-truth judge
     for `ground_truth_0_2`, else nothing (and say so) — never a made-up score."""
     from .judge import JudgeConfig, judge_replies, summarize, write_judge_parquet
-    from .judge.inputs import read_generation_items
 
     trait = eval_ds.trait
     opts = {k: v for k, v in settings.judge.items() if k in ("concurrency", "timeout_s", "max_retries", "offline")}
@@ -153,7 +152,7 @@ def _judge(eval_ds: Dataset, generations: Path, out_dir: Path, settings: Setting
                "preference gap only; set OPENAI_API_KEY (and DATTR_JUDGE_BASE_URL for a local server)")
         log.warning(msg)
         return {}, msg
-    run = judge_replies(read_generation_items(generations, eval_ds), trait, config,
+    run = judge_replies(items, trait, config,
                         dattr_home(root) / "cache" / "judge.sqlite")
     write_judge_parquet(out_dir / "judge.parquet", run.results)
     summary = summarize(run.results, trait)
@@ -188,14 +187,19 @@ def generate_pair(eval_ds: Dataset, settings: Settings, out_dir: Path, adapter: 
 
 
 def judge_pair(eval_ds: Dataset, settings: Settings, out_dir: Path, root: str | Path | None = None) -> dict[str, Any]:
-    """Judge `generations.parquet` and write `metrics.json` (judge summary + preference gap)."""
+    """Judge `generations.parquet` and write `metrics.json` (judge summary, the judge-free
+    ground-truth check where rows have `meta.ground_truth`, and the preference gap)."""
     import json
 
+    from .judge import ground_truth_check
+    from .judge.inputs import read_generation_items
     from .metrics import write_metrics
 
-    judged, message = _judge(eval_ds, out_dir / "generations.parquet", out_dir, settings, root)
+    items = read_generation_items(out_dir / "generations.parquet", eval_ds)
+    judged, message = _judge(eval_ds, items, out_dir, settings, root)
     gap = json.loads((out_dir / "preference_gap.json").read_text(encoding="utf-8"))
     metrics = {"eval": eval_ds.name, "trait": eval_ds.trait.trait, "rubric": eval_ds.trait.rubric,
-               "heldout_pairs": gap["base"]["n"], "judge": judged, "judge_message": message, "preference_gap": gap}
+               "heldout_pairs": gap["base"]["n"], "judge": judged, "judge_message": message,
+               "ground_truth_check": ground_truth_check(items), "preference_gap": gap}
     write_metrics(out_dir / "metrics.json", metrics)
     return metrics

@@ -177,6 +177,9 @@ def test_unknown_experiment_and_setting_in_config(tmp_path):
     (tmp_path / "a.yaml").write_text("experiments: [rct-zz]\n")
     with pytest.raises(ValueError, match="unknown experiment 'rct-zz'"):
         load_settings(tmp_path / "a.yaml")
+    (tmp_path / "r.yaml").write_text("experiments: [rct-rc-cosine]\n")  # a rule suffix must name a rule
+    with pytest.raises(ValueError, match="unknown experiment 'rct-rc-cosine'.*rule in"):
+        load_settings(tmp_path / "r.yaml")
     (tmp_path / "b.yaml").write_text("kk: 3\n")
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['kk'\]"):
         load_settings(tmp_path / "b.yaml")

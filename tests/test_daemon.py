@@ -3,6 +3,9 @@ started on 127.0.0.1 and stopped by PID; the `gpu` pool never runs two model ste
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 from dagster import DagsterEventType, DagsterInstance
 
@@ -10,14 +13,15 @@ from dagster_fixtures import write_project
 from dattr_assets.demo import add_dataset_partitions, dagster_dev, free_port, launch_backfill, set_pool_limits, wait_backfill
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.mark.slow
 def test_backfill_2x2_through_the_daemon_respects_the_gpu_pool(tmp_path, model_dir, monkeypatch):
     cfg = write_project(tmp_path, model_dir, trains=("tr_a", "tr_b"), evals=("ev_a", "ev_b"), experiments=("rct-rc",))
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").write_text(
-        "concurrency:\n  runs:\n    max_concurrent_runs: 4\n  pools:\n    granularity: op\n    default_limit: 1\n"
-        "telemetry:\n  enabled: false\n")
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home)  # the shipped instance settings
     for var, value in (("DAGSTER_HOME", dagster_home), ("DATTR_HOME", tmp_path / "home"), ("DATTR_CONFIG", cfg)):
         monkeypatch.setenv(var, str(value))
     for var in ("OPENAI_API_KEY", "DATTR_JUDGE_API_KEY", "DATTR_JUDGE_BASE_URL"):
@@ -47,3 +51,7 @@ def test_backfill_2x2_through_the_daemon_respects_the_gpu_pool(tmp_path, model_d
         assert len(intervals) >= 2 + 2 + 4 + 4 + 2  # vectors, adapters, generations (incl. base)
         for (s1, e1), (s2, _) in zip(intervals, intervals[1:]):
             assert s2 >= e1, "two gpu-pool steps ran at once"
+        # Runs wait for the pool in the queue, not inside a started run (where Dagster busy-polls).
+        blocked = [e for run in instance.get_runs() for e in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+                   if "blocked by limit for pool" in (e.user_message or "")]
+        assert not blocked, blocked[0].user_message

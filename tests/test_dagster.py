@@ -9,6 +9,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, MultiPartitionKey, build_sensor_context
 
 from dagster_fixtures import materialize_pair, write_project
+from dattr_core.cli import main
 from dattr_assets.definitions import build_definitions
 from dattr_assets.defs.partitions import eval_partitions, train_partitions
 from dattr_assets.defs.resources import DattrResource
@@ -25,7 +26,7 @@ def project(tmp_path, model_dir, monkeypatch):
     return tmp_path, cfg
 
 
-def test_one_pair_end_to_end_in_process(project):
+def test_one_pair_end_to_end_in_process(project, capsys):
     root, cfg = project
     defs = build_definitions(str(cfg))
     resources = {"dattr": DattrResource(config_path=str(cfg), home=str(root / "home"))}
@@ -40,10 +41,14 @@ def test_one_pair_end_to_end_in_process(project):
         metrics = json.loads((exp_dir / "metrics.json").read_text())
         assert metrics["judge"]["judges"] == ["offline-ground-truth"]
         assert metrics["judge"]["n_judged"] + metrics["judge"]["n_unparsed"] == 4  # 4 held-out prompts × 1 sample
+        assert metrics["ground_truth_check"]["n"] == 4
         board = instance.get_latest_materialization_event(AssetKey("leaderboard")).asset_materialization.metadata
         assert board["rows"].value == 4  # rct-rc, trak-trak, random and base on the one pair
         sel = instance.get_latest_materialization_event(AssetKey(["rct-rc", "selection"]))
         assert sel.asset_materialization.metadata["selected"].value == 5
+    assert main(["leaderboard", "--root", str(root / "home")]) == 0
+    table = capsys.readouterr().out
+    assert "| rct-rc | tr_a | ev_a |" in table and "gt_wrong by eval / experiment" in table
 
 
 def test_scores_lineage_is_exactly_the_two_vector_partitions(project):
@@ -59,6 +64,18 @@ def test_scores_lineage_is_exactly_the_two_vector_partitions(project):
                                                    MultiPartitionKey({"train": "tr_a", "eval": "ev_a"}))
     got = {(p.asset_key.to_user_string(), p.partition_key) for p in parents.parent_partitions}
     assert got == {("vectors/rct/train", "tr_a"), ("vectors/rc/eval", "ev_a")}
+
+
+def test_experiment_rule_suffix_sets_rule_and_eval_control_dependency(tmp_path, model_dir):
+    cfg = write_project(tmp_path, model_dir, experiments=("rct-rc-cos_sim_debias_eval", "rct-rc"))
+    defs = build_definitions(str(cfg))
+    graph = defs.resolve_asset_graph()
+    deps = {k.to_user_string() for k in graph.get(AssetKey(["rct-rc-cos_sim_debias_eval", "scores"])).parent_keys}
+    assert deps == {"vectors/rct/train", "vectors/rc/eval", "vectors/rct_control/eval"}
+    assert {k.to_user_string() for k in graph.get(AssetKey(["rct-rc", "scores"])).parent_keys} == \
+        {"vectors/rct/train", "vectors/rc/eval"}
+    assert graph.has(AssetKey(["vectors", "rct_control", "eval"]))
+    assert not graph.has(AssetKey(["vectors", "rct_control", "train"]))  # train sets need no control vectors
 
 
 def test_sensor_adds_partitions_for_good_files_and_reports_bad_ones(project):

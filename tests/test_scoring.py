@@ -239,7 +239,11 @@ def test_cli_rank_standard_layout(home, data, capsys):
     assert pq.read_table(exp / "lex/pool/ev/selection.parquet").column("id")[0].as_py() == "r3"
     assert len(pq.read_table(exp / "random/pool/ev/selected.parquet")) == 5
     assert main(argv[:-3] + ["rct-rc", "--rule", "proj"]) == 0
-    assert (exp / "rct-rc.proj/pool/ev/scores.parquet").exists()
+    _, proj = read_scores(exp / "rct-rc-proj/pool/ev/scores.parquet")
+    np.testing.assert_allclose(proj, naive_scores(train, V[:4], "proj"), rtol=1e-5, atol=1e-5)
+    assert main(argv[:-3] + ["rct-rc-dot"]) == 0  # the rule in the experiment name wins over --rule
+    _, dot = read_scores(exp / "rct-rc-dot/pool/ev/scores.parquet")
+    np.testing.assert_allclose(dot, naive_scores(train, V[:4], "dot"), rtol=1e-5, atol=1e-5)
     assert main(argv[:-3] + ["rd-rd"]) == 2  # no rd vectors: a clear error, exit code 2
     assert "meta.json missing" in capsys.readouterr().err
     write_vectors(vectors_dir(tag, "rct", "pool"), train[:49])  # the dataset grew since

@@ -13,6 +13,7 @@ from dattr_core import leaderboard as lb
 from dattr_core import pipeline
 from dattr_core.config import Experiment
 from dattr_core.data import load_dataset
+from dattr_core.methods import control_method_for
 from dattr_core.store import dataset_file, experiment_dir
 
 from .partitions import eval_partitions, pair_keys, pair_partitions, to_eval, to_train
@@ -47,8 +48,8 @@ def top_table(train, ids: list[str], scores: dict[str, float], n: int = 10) -> M
     return MetadataValue.table(records, schema=TableSchema(cols))
 
 
-def experiment_assets(exp: Experiment) -> list:
-    """The five pair assets of one experiment."""
+def experiment_assets(exp: Experiment, rule: str) -> list:
+    """The five pair assets of one experiment (`rule`: its scoring rule)."""
     e = exp.name
     if exp.is_reference:
         score_deps = [AssetDep("train_dataset", partition_mapping=to_train),
@@ -56,6 +57,8 @@ def experiment_assets(exp: Experiment) -> list:
     else:
         score_deps = [AssetDep(vectors_key(exp.attr, "train"), partition_mapping=to_train),
                       AssetDep(vectors_key(exp.query, "eval"), partition_mapping=to_eval)]
+        if rule == "cos_sim_debias_eval":
+            score_deps.append(AssetDep(vectors_key(control_method_for(exp.query), "eval"), partition_mapping=to_eval))
     common = dict(partitions_def=pair_partitions, automation_condition=EAGER, group_name=e.replace("-", "_"),
                   code_version="1")
 
@@ -135,6 +138,8 @@ def judge_result(metrics: dict, out) -> MaterializeResult:
     trait_avg = j.get(f"{metrics['trait']}_avg")
     if trait_avg is not None:
         meta[f"{metrics['trait']}_avg"] = float(trait_avg)
+    if metrics.get("ground_truth_check"):
+        meta["gt_wrong"] = float(metrics["ground_truth_check"]["wrong_rate"])
     return MaterializeResult(metadata=meta, check_results=[
         AssetCheckResult(check_name="unparsed_share", passed=share <= MAX_UNPARSED_SHARE,
                          metadata={"unparsed_share": share, "judged": n})])
@@ -176,8 +181,7 @@ def leaderboard_asset(experiments: list[Experiment]):
         return MaterializeResult(metadata={
             "path": MetadataValue.path(str(path)), "rows": len(rows),
             "leaderboard": MetadataValue.table(records, schema=TableSchema(cols)),
-            "plot": MetadataValue.md("```\n" + lb.bar_chart(rows, "trait_avg") + "\n\n" + lb.bar_chart(rows, "gap_drop")
-                                     + "\n```"),
+            "plot": MetadataValue.md("```\n" + "\n\n".join(lb.bar_chart(rows, v) for v in lb.CHARTS) + "\n```"),
             "summary": MetadataValue.json(json.loads(json.dumps(rows, default=str)))})
 
     return leaderboard

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..data import load_dataset
-from ..judge import JudgeAPIError, JudgeConfig, JudgeConfigError, judge_replies, summarize, write_judge_parquet
+from ..judge import (JudgeAPIError, JudgeConfig, JudgeConfigError, ground_truth_check, judge_replies, summarize,
+                     write_judge_parquet)
 from ..judge.cache import default_cache_path
 from ..judge.inputs import read_generation_items
 
@@ -40,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--config", default=None, help="settings file (default: $DATTR_CONFIG or ./dattr.yaml)")
     e.set_defaults(func=run_evaluate)
 
+    b = sub.add_parser("leaderboard", help="print every experiment's metrics.json as one table",
+                       description="The leaderboard of $DATTR_HOME (what the Dagster `leaderboard` asset shows): "
+                                   "judge average, judge-free ground-truth check and preference gap per "
+                                   "(experiment, train, eval), then text bar charts.")
+    b.add_argument("--root", default=None, help="DATTR_HOME (default: $DATTR_HOME or ./dattr_data)")
+    b.set_defaults(func=run_leaderboard)
+
 
 def run_judge(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.eval, "eval", require_trait=True)
@@ -54,7 +62,7 @@ def run_judge(args: argparse.Namespace) -> int:
         return 1
     path = write_judge_parquet(args.out / "judge.parquet", run.results)
     summary = summarize(run.results, trait)
-    print(json.dumps({**summary, "judge_parquet": str(path), "usage": vars(run.usage)}, indent=2))
+    print(json.dumps({**summary, "ground_truth_check": ground_truth_check(items), "judge_parquet": str(path), "usage": vars(run.usage)}, indent=2))
     return 0
 
 
@@ -77,4 +85,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     generate_pair(eval_ds, settings, out, adapter)
     metrics = judge_pair(eval_ds, settings, out)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def run_leaderboard(args: argparse.Namespace) -> int:
+    from .. import leaderboard
+
+    rows = leaderboard.collect(args.root)
+    if not rows:
+        print("no metrics.json under experiments/ yet: run `make demo` or `dattr evaluate`", file=sys.stderr)
+        return 1
+    print(leaderboard.report(rows))
     return 0

@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", required=True, help="train dataset: a name under $DATTR_HOME/datasets/train/ or a file")
     p.add_argument("--eval", required=True, nargs="+", help="eval dataset(s): names under datasets/eval/ or files")
     p.add_argument("--experiments", nargs="+", default=["rct-rc"],
-                   help=f"e.g. rct-rc rd-rd trak-trak, or baselines {' '.join(BASELINES)}; "
-                        "a non-default rule is appended to the folder name (rct-rc.proj)")
+                   help=f"e.g. rct-rc rd-rd trak-trak rct-rct-cos_sim_debias_train, or baselines "
+                        f"{' '.join(BASELINES)}; a non-default --rule is appended to the name (rct-rc-proj)")
     _rule_args(p)
     p.add_argument("--control-method", help="method of the eval sets' control-reply vectors (for cos_sim_debias_eval)")
     _select_args(p)
@@ -106,7 +106,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
             vector_tag = vector_tag or _model_tag(args)
         ids, scores, info = experiment_scores(parsed, train, evals, settings, tag=vector_tag,
                                               control_method=args.control_method)
-        folder = exp if exp in BASELINES or args.rule == DEFAULT_RULE else f"{exp}.{args.rule}"
+        folder = exp if parsed.is_reference or parsed.rule or args.rule == DEFAULT_RULE else f"{exp}-{args.rule}"
         for j, name in enumerate(evals):
             out = experiment_dir(validate_name(folder, "experiment"), train.name, name)
             meta = {**info, "experiment": exp, "train": train.name, "eval": name,
