@@ -116,7 +116,7 @@ def main() -> None:
         s = dataclasses.replace(s, layer=args.layer)
     train = load_dataset(dataset_file("train", args.train, args.root), "train")
     if args.train_controls:  # rd / rc train vectors need a control reply per train row (greedy generation)
-        train = ensure_controls(train, s.model, s.device, s.dtype, args.root)
+        train = ensure_controls(train, s.model, s.device, s.dtype, args.root, generation=s.controls)
     evals = [load_dataset(dataset_file("eval", e, args.root), "eval") for e in args.evals]
     ensure_vectors(train, evals, s, args.experiments, args.root)
     rows = []

@@ -137,10 +137,11 @@ def _encode(ds: Dataset, tok: PreTrainedTokenizerBase, row: int, fieldname: str,
 
 def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = None, dtype: str | None = None,
                     root: str | None = None, model: PreTrainedModel | None = None,
-                    tok: PreTrainedTokenizerBase | None = None) -> Dataset:
+                    tok: PreTrainedTokenizerBase | None = None, generation: dict[str, int] | None = None) -> Dataset:
     """The dataset with every missing control reply filled by the base model's greedy reply
-    (design §2, the `controls` step), saved once per (model, dataset) and reused after.
-    Pass a loaded `model`/`tok` to avoid loading the model a second time."""
+    (design §2, the `controls` step), saved once per (model, dataset, `generation` settings:
+    `max_new_tokens`, `batch_size`) and reused after. Pass a loaded `model`/`tok` to avoid
+    loading the model a second time."""
     if all(e.control_messages is not None for e in ds.examples):
         return ds
     from .data import write_examples
@@ -149,13 +150,16 @@ def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = No
     name = model_name or "SmolLM2-135M-Instruct"
     out = dattr_home(root) / "controls" / model_slug(name) / f"{ds.name}.parquet"
     source = out.with_suffix(".json")  # written last: present means the filled file is complete
-    if source.exists() and json.loads(source.read_text()).get("source_sha256") == file_sha256(ds.path):
+    record = {"source": str(ds.path), "source_sha256": file_sha256(ds.path), "model": name,
+              "generation": dict(sorted((generation or {}).items()))}
+    if source.exists() and {k: v for k, v in json.loads(source.read_text()).items() if k != "source"} == \
+            {k: v for k, v in record.items() if k != "source"}:
         return load_dataset(out, ds.kind)
     if model is None or tok is None:
         model, tok = load_model(resolve_model(model_name), device, dtype)
-    filled = fill_controls(ds, model, tok, model_name=name)
+    filled = fill_controls(ds, model, tok, model_name=name, **(generation or {}))
     write_examples(out, filled)
-    write_json(source, {"source": str(ds.path), "source_sha256": file_sha256(ds.path), "model": name})
+    write_json(source, record)
     return load_dataset(out, ds.kind)
 
 

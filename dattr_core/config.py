@@ -19,6 +19,7 @@ from .methods import control_method_for
 ATTR_METHODS = ("rd", "rct", "rc", "rct_response", "grad", "residual", "trak")
 QUERY_METHODS = ATTR_METHODS + ("pv",)
 REFERENCE_RANKINGS = ("emb", "lex", "loss", "random")
+CONTROLS_KEYS = ("max_new_tokens", "batch_size")
 SCORING_RULES = ("cos_sim", "proj", "dot", "cos_sim_debias_train", "cos_sim_debias_eval")
 _EXPERIMENT_RE = re.compile(r"^([a-z_]+)-([a-z_]+)(?:-([a-z_]+))?$")
 
@@ -66,6 +67,7 @@ class Settings:
     scoring_rule: str = "cos_sim"
     selection_seed: int = 0
     experiments: list[str] = field(default_factory=lambda: ["rct-rc", "rd-rd", "trak-trak", "random"])
+    controls: dict[str, int] = field(default_factory=dict)  # greedy control replies: max_new_tokens, batch_size
     finetune: dict[str, Any] = field(default_factory=dict)  # overrides of the LoRA defaults
     generate: dict[str, Any] = field(default_factory=lambda: {"n_samples": 3, "max_new_tokens": 64})
     judge: dict[str, Any] = field(default_factory=lambda: {"concurrency": 8})
@@ -113,4 +115,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ValueError(f"{p}: unknown scoring_rule {s.scoring_rule!r}; choose from {SCORING_RULES}")
     if s.k < 1:
         raise ValueError(f"{p}: k must be ≥ 1, got {s.k}")
+    bad = sorted(set(s.controls) - set(CONTROLS_KEYS))
+    if bad or not all(isinstance(v, int) and v >= 1 for v in s.controls.values()):
+        raise ValueError(f"{p}: controls takes positive integers for {CONTROLS_KEYS}, got {s.controls}")
     return s

@@ -180,6 +180,9 @@ def test_unknown_experiment_and_setting_in_config(tmp_path):
     (tmp_path / "r.yaml").write_text("experiments: [rct-rc-cosine]\n")  # a rule suffix must name a rule
     with pytest.raises(ValueError, match="unknown experiment 'rct-rc-cosine'.*rule in"):
         load_settings(tmp_path / "r.yaml")
+    (tmp_path / "c.yaml").write_text("controls: {max_tokens: 64}\n")
+    with pytest.raises(ValueError, match="controls takes positive integers"):
+        load_settings(tmp_path / "c.yaml")
     (tmp_path / "b.yaml").write_text("kk: 3\n")
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['kk'\]"):
         load_settings(tmp_path / "b.yaml")

@@ -112,3 +112,23 @@ def test_fill_controls_leaves_empty_replies_missing(model, tok, tmp_path, monkey
     filled = fill_controls(ds, model, tok, model_name="tiny", cache_dir=tmp_path)
     assert filled[0].control_messages is None
     assert filled[1].control_messages[-1] == {"role": "assistant", "content": "ok"}
+
+
+def test_ensure_controls_reuses_the_filled_file_only_for_the_same_generation_settings(model, tok, tmp_path,
+                                                                                      monkeypatch):
+    from dattr_core.attribute import ensure_controls
+    from dattr_core.data import load_dataset, write_examples
+
+    write_examples(tmp_path / "toy.parquet", [example(0, PROMPTS[0]), example(2, PROMPTS[2])])
+    ds = load_dataset(tmp_path / "toy.parquet", "train")
+    short = ensure_controls(ds, "tiny", root=tmp_path, model=model, tok=tok, generation={"max_new_tokens": 3})
+    for e in short.examples:
+        assert len(tok(e.control_messages[-1]["content"], add_special_tokens=False)["input_ids"]) <= 4
+    calls = []
+    real = gen_mod.generate_replies
+    monkeypatch.setattr(gen_mod, "generate_replies", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    again = ensure_controls(ds, "tiny", root=tmp_path, model=model, tok=tok, generation={"max_new_tokens": 3})
+    assert again.examples == short.examples and calls == []
+    longer = ensure_controls(ds, "tiny", root=tmp_path, model=model, tok=tok, generation={"max_new_tokens": 9})
+    assert [c.max_new_tokens for c in calls] == [9]  # other settings: generated again, not the stale file
+    assert longer.examples != short.examples

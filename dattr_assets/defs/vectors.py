@@ -64,7 +64,9 @@ def _torchrun(context: AssetExecutionContext, s: Settings, kind: str, path, meth
            "-m", "dattr_core.cli", "attribute", "--data", str(path), "--kind", kind, "--methods", ",".join(methods),
            "--max-tokens", str(s.max_tokens), "--batch-tokens", str(s.batch_tokens), "--root", str(root),
            "--no-progress", "--pipes", "--controls"]
-    for flag, value in (("--model", s.model), ("--layer", s.layer), ("--dtype", s.dtype)):
+    for flag, value in (("--model", s.model), ("--layer", s.layer), ("--dtype", s.dtype),
+                        ("--controls-max-new-tokens", s.controls.get("max_new_tokens")),
+                        ("--controls-batch-size", s.controls.get("batch_size"))):
         if value is not None:
             cmd += [flag, str(value)]
     return PipesSubprocessClient().run(command=cmd, context=context).get_results()
@@ -94,7 +96,8 @@ def activation_vectors(kind: str, methods: list[str]):
                 yield from vector_checks(vs, rows, vectors_key(m, kind))
             return
         model, tok = load_model(s.model, s.device, s.dtype)  # once, for controls and vectors
-        ds = ensure_controls(load_dataset(path, kind), s.model, root=dattr.root, model=model, tok=tok)
+        ds = ensure_controls(load_dataset(path, kind), s.model, root=dattr.root, model=model, tok=tok,
+                             generation=s.controls)
         res = attribute(ds, _attribute_config(s, methods, dattr.root), model, tok, progress=False)
         context.log.info(f"{ds.name}: {res.shards_computed} shards computed, {res.shards_reused} reused, "
                          f"{res.examples_per_s:.1f} examples/s")

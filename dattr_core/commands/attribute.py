@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data, args.kind)
     model, tok = load_model(args.model, args.device, args.dtype)
     if args.controls:
-        ds = ensure_controls(ds, args.model, root=args.root, model=model, tok=tok)
+        ds = ensure_controls(ds, args.model, root=args.root, model=model, tok=tok, generation=_generation(args))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     activation = [m for m in methods if m != "trak"]
     common = dict(model=args.model, layer=args.layer, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
@@ -64,8 +64,20 @@ def report_to_dagster(res, kind: str) -> None:
                           "examples_per_s": t["examples_per_s"] or 0.0, "seconds": t["seconds"]})
 
 
+def _generation(args: argparse.Namespace) -> dict[str, int]:
+    return {k: v for k, v in (("max_new_tokens", args.controls_max_new_tokens),
+                              ("batch_size", args.controls_batch_size)) if v is not None}
+
+
+def _controls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--controls-max-new-tokens", type=int, default=None,
+                   help="longest greedy control reply in tokens (default 512)")
+    p.add_argument("--controls-batch-size", type=int, default=None, help="prompts per generate call (default 8)")
+
+
 def controls(args: argparse.Namespace) -> int:
-    ds = ensure_controls(load_dataset(args.data, "train"), args.model, args.device, args.dtype, args.root)
+    ds = ensure_controls(load_dataset(args.data, "train"), args.model, args.device, args.dtype, args.root,
+                         generation=_generation(args))
     print(f"{ds.name}: {len(ds)} rows, all with control replies → {ds.path}")
     return 0
 
@@ -87,6 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", default=None, help="DATTR_HOME (default: $DATTR_HOME or ./dattr_data)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--controls", action="store_true", help="fill missing control replies first (`dattr controls`)")
+    _controls_args(p)
     p.add_argument("--pipes", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -94,4 +107,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--data", required=True)
     add_model_args(c)
     c.add_argument("--root", default=None)
+    _controls_args(c)
     c.set_defaults(func=controls)
