@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import average_precision_score
@@ -33,6 +31,8 @@ from dattr_core.pipeline import resolve_layer, settings_tag
 from dattr_core.scoring import Query, attribution_split, score_array
 from dattr_core.store import VectorError, VectorSet, dataset_file, vectors_dir
 from dattr_core.trak import TrakConfig, attribute_trak
+
+from report import write_section
 
 EXPERIMENTS = ["rct-rc", "rct-rd", "rct-rct", "rd-rd", "rc-rc", "rct_response-rc", "grad-grad", "rd-pv", "rct-pv",
                "trak-trak", "emb", "lex", "loss", "random"]
@@ -178,16 +178,10 @@ def main() -> None:
             + "|---" * (5 + 2 * len(KS)) + "|\n")
     table = head + "\n".join(rows)
     cmd = "python bench/quality.py " + " ".join(sys.argv[1:])
-    mark = (f"<!-- quality:{args.section}:begin -->", f"<!-- quality:{args.section}:end -->")
-    text = f"{mark[0]}\nModel {s.model or 'SmolLM2-135M-Instruct'}, layer {resolve_layer(s)}; `{cmd}`\n\n{table}\n{mark[1]}"
-    print(text)
+    body = f"Model {s.model or 'SmolLM2-135M-Instruct'}, layer {resolve_layer(s)}; `{cmd}`\n\n{table}"
+    print(body)
     if args.out:
-        path = Path(args.out)
-        old = path.read_text() if path.exists() else ""
-        new = re.sub(re.escape(mark[0]) + ".*?" + re.escape(mark[1]), lambda _: text, old, flags=re.S) \
-            if mark[0] in old else old + "\n" + text + "\n"
-        path.write_text(new)
-
+        write_section(args.out, f"quality:{args.section}", body)
 
 if __name__ == "__main__":
     main()

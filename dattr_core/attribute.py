@@ -157,7 +157,8 @@ def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = No
         return load_dataset(out, ds.kind)
     if model is None or tok is None:
         model, tok = load_model(resolve_model(model_name), device, dtype)
-    filled = fill_controls(ds, model, tok, model_name=name, **(generation or {}))
+    filled = fill_controls(ds, model, tok, model_name=name, cache_dir=dattr_home(root) / "cache" / "controls",
+                           **(generation or {}))
     write_examples(out, filled)
     write_json(source, record)
     return load_dataset(out, ds.kind)

@@ -81,14 +81,16 @@ class Settings:
     def rule_of(self, exp: Experiment) -> str:
         return exp.rule or self.scoring_rule
 
-    def activation_methods(self, kind: str = "train") -> list[str]:
-        """Activation methods any experiment needs (attr and query methods, computed on both sides
-        so one pass serves every experiment), plus on the eval side the control-reply vectors that
-        `cos_sim_debias_eval` experiments need."""
-        used = {m for e in self.parsed_experiments for m in (e.attr, e.query) if m}
+    def activation_methods(self, kind: str) -> list[str]:
+        """Activation methods the experiments need on one side: the attribution methods on train
+        sets, the query methods (plus the control-reply vectors of `cos_sim_debias_eval`
+        experiments) on eval sets. A train set gets generated controls only if one of its
+        methods is paired (`rd`, `rc`)."""
+        exps = self.parsed_experiments
+        used = {e.attr for e in exps} if kind == "train" else {e.query for e in exps}
         methods = [m for m in ATTR_METHODS if m in used and m != "trak"]
         if kind == "eval":
-            methods += sorted({control_method_for(e.query) for e in self.parsed_experiments
+            methods += sorted({control_method_for(e.query) for e in exps
                                if e.query and self.rule_of(e) == "cos_sim_debias_eval"})
         return methods
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance, MultiPartitionKey, build_sensor_context
 
 from dagster_fixtures import materialize_pair, write_project
 from dattr_core.cli import main
+from dattr_core.data import load_dataset
+from dattr_core.scoring import Query, attribution_split, score_array
+from dattr_core.store import VectorSet
 from dattr_assets.definitions import build_definitions
 from dattr_assets.defs.partitions import eval_partitions, train_partitions
 from dattr_assets.defs.resources import DattrResource
@@ -18,7 +23,8 @@ from dattr_assets.defs.sensors import scan_datasets
 
 @pytest.fixture
 def project(tmp_path, model_dir, monkeypatch):
-    cfg = write_project(tmp_path, model_dir, experiments=("rct-rc", "trak-trak", "random"))
+    cfg = write_project(tmp_path, model_dir, experiments=("rct-rc", "grad-grad-cos_sim_debias_train", "trak-trak",
+                                                           "random"))
     monkeypatch.setenv("DATTR_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DATTR_CONFIG", str(cfg))
     for var in ("OPENAI_API_KEY", "DATTR_JUDGE_API_KEY", "DATTR_JUDGE_BASE_URL"):
@@ -43,7 +49,15 @@ def test_one_pair_end_to_end_in_process(project, capsys):
         assert metrics["judge"]["n_judged"] + metrics["judge"]["n_unparsed"] == 4  # 4 held-out prompts × 1 sample
         assert metrics["ground_truth_check"]["n"] == 4
         board = instance.get_latest_materialization_event(AssetKey("leaderboard")).asset_materialization.metadata
-        assert board["rows"].value == 4  # rct-rc, trak-trak, random and base on the one pair
+        assert board["rows"].value == 5  # the 4 experiments and base on the one pair
+        scores = pl.read_parquet(root / "home" / "experiments" / "grad-grad-cos_sim_debias_train" / "tr_a" / "ev_a"
+                                 / "scores.parquet")
+        train_vs = VectorSet.open(next((root / "home").glob("vectors/*/grad/tr_a")))
+        eval_vs = VectorSet.open(next((root / "home").glob("vectors/*/grad/ev_a")))
+        eval_ids = [e.id for e in attribution_split(load_dataset(root / "home" / "datasets" / "eval" / "ev_a.parquet",
+                                                                 "eval"))]
+        want = score_array(train_vs.load(), {"q": Query.from_vectors(eval_vs, eval_ids)}, "cos_sim_debias_train")[:, 0]
+        np.testing.assert_allclose(scores["score"].to_numpy(), want, rtol=1e-5, atol=1e-6)  # the suffix's rule
         sel = instance.get_latest_materialization_event(AssetKey(["rct-rc", "selection"]))
         assert sel.asset_materialization.metadata["selected"].value == 5
     assert main(["leaderboard", "--root", str(root / "home")]) == 0
@@ -75,7 +89,9 @@ def test_experiment_rule_suffix_sets_rule_and_eval_control_dependency(tmp_path, 
     assert {k.to_user_string() for k in graph.get(AssetKey(["rct-rc", "scores"])).parent_keys} == \
         {"vectors/rct/train", "vectors/rc/eval"}
     assert graph.has(AssetKey(["vectors", "rct_control", "eval"]))
-    assert not graph.has(AssetKey(["vectors", "rct_control", "train"]))  # train sets need no control vectors
+    # Each side computes what its experiments read: rct on train (no controls needed), rc on eval.
+    assert {k.to_user_string() for k in graph.get_all_asset_keys() if k.path[0] == "vectors"} == \
+        {"vectors/rct/train", "vectors/rc/eval", "vectors/rct_control/eval"}
 
 
 def test_sensor_adds_partitions_for_good_files_and_reports_bad_ones(project):
@@ -113,7 +129,7 @@ def test_vectors_asset_runs_torchrun_through_pipes_when_gpus_gt_1(project):
     with DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions(train_partitions.name, ["tr_a"])
         result = materialize(list(defs.assets), selection=AssetSelection.assets("train_dataset", ["vectors", "rct", "train"],
-                                                                                  ["vectors", "rc", "train"]),
+                                                                                  ["vectors", "grad", "train"]),
                              partition_key="tr_a", instance=instance,
                              resources={"dattr": DattrResource(config_path=str(cfg), home=str(root / "home"))})
         assert result.success

@@ -12,6 +12,7 @@ from dattr_core.attribute import AttributeConfig, attribute, ensure_controls
 from dattr_core.config import Settings
 from dattr_core.data import load_dataset
 from dattr_core.generate import SamplingConfig
+from dattr_core.methods import needs_control
 from dattr_core.models import load_model
 from dattr_core.persona import persona_vectors
 from dattr_core.trak import TrakConfig, attribute_trak
@@ -63,7 +64,7 @@ def _torchrun(context: AssetExecutionContext, s: Settings, kind: str, path, meth
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.gpus}",
            "-m", "dattr_core.cli", "attribute", "--data", str(path), "--kind", kind, "--methods", ",".join(methods),
            "--max-tokens", str(s.max_tokens), "--batch-tokens", str(s.batch_tokens), "--root", str(root),
-           "--no-progress", "--pipes", "--controls"]
+           "--no-progress", "--pipes"] + (["--controls"] if needs_control(methods) else [])
     for flag, value in (("--model", s.model), ("--layer", s.layer), ("--dtype", s.dtype),
                         ("--controls-max-new-tokens", s.controls.get("max_new_tokens")),
                         ("--controls-batch-size", s.controls.get("batch_size"))):
@@ -96,8 +97,9 @@ def activation_vectors(kind: str, methods: list[str]):
                 yield from vector_checks(vs, rows, vectors_key(m, kind))
             return
         model, tok = load_model(s.model, s.device, s.dtype)  # once, for controls and vectors
-        ds = ensure_controls(load_dataset(path, kind), s.model, root=dattr.root, model=model, tok=tok,
-                             generation=s.controls)
+        ds = load_dataset(path, kind)
+        if needs_control(methods):  # `rd`/`rc` of train rows without a control reply: generate it first
+            ds = ensure_controls(ds, s.model, root=dattr.root, model=model, tok=tok, generation=s.controls)
         res = attribute(ds, _attribute_config(s, methods, dattr.root), model, tok, progress=False)
         context.log.info(f"{ds.name}: {res.shards_computed} shards computed, {res.shards_reused} reused, "
                          f"{res.examples_per_s:.1f} examples/s")
