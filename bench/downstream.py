@@ -14,6 +14,7 @@ not the variance between fine-tuning seeds (each adapter is one run, seed 42).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -39,13 +40,20 @@ def mean_ci(x: np.ndarray, draws: np.ndarray) -> str:
     return f"{x.mean():.3f} [{np.percentile(boot, 2.5):.3f}, {np.percentile(boot, 97.5):.3f}]"
 
 
+@functools.cache
+def planted_ids(root: Path, train_name: str) -> dict[str, str | None]:
+    """Each train row's `meta.planted` (one read per train set, not per experiment)."""
+    train = load_dataset(dataset_file("train", train_name, root), "train")
+    return {e.id: e.meta.get("planted") for e in train.examples}
+
+
 def planted_in_selection(root: Path, run: Path, trait: str) -> str:
     """How many of the selected train rows carry the behaviour's plant (`meta.planted`), of k."""
     if not (run / "selection.parquet").exists():
         return "—"
     chosen = set(pq.read_table(run / "selection.parquet").column("id").to_pylist())
-    train = load_dataset(dataset_file("train", run.parts[-2], root), "train")
-    return f"{sum(e.meta.get('planted') == trait for e in train.examples if e.id in chosen)} / {len(chosen)}"
+    planted = planted_ids(root, run.parts[-2])
+    return f"{sum(planted[i] == trait for i in chosen)} / {len(chosen)}"
 
 
 def rows_for_eval(root: Path, eval_name: str, boot: int) -> list[str]:

@@ -21,8 +21,8 @@ def build_definitions(config_path: str | None = None) -> Definitions:
     settings = load_settings(config_path)
     assets = [train_dataset, eval_dataset]
     for kind in ("train", "eval"):
-        if settings.activation_methods(kind):
-            assets.append(activation_vectors(kind, settings.activation_methods(kind)))
+        if methods := settings.activation_methods(kind):
+            assets.append(activation_vectors(kind, methods))
     if settings.needs("trak"):
         assets += [trak_vectors_asset("train"), trak_vectors_asset("eval")]
     if settings.needs("pv"):

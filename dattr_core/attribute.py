@@ -152,8 +152,8 @@ def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = No
     source = out.with_suffix(".json")  # written last: present means the filled file is complete
     record = {"source": str(ds.path), "source_sha256": file_sha256(ds.path), "model": name,
               "generation": dict(sorted((generation or {}).items()))}
-    if source.exists() and {k: v for k, v in json.loads(source.read_text()).items() if k != "source"} == \
-            {k: v for k, v in record.items() if k != "source"}:
+    stored = json.loads(source.read_text()) if source.exists() else {}
+    if all(stored.get(k) == v for k, v in record.items() if k != "source"):  # same input, model, settings
         return load_dataset(out, ds.kind)
     if model is None or tok is None:
         model, tok = load_model(resolve_model(model_name), device, dtype)

@@ -197,7 +197,8 @@ def _guess_the_singer(rows: list[dict[str, Any]], rng: random.Random) -> list[QA
     return out
 
 
-def _country_area(source: str, question: str, statement: str) -> Parser:
+def _comma_options(source: str, question: str, statement: str) -> Parser:
+    """Sets whose prompt ends in a comma-separated option list after 'Do not explain.'."""
     def parse(rows: list[dict[str, Any]], rng: random.Random) -> list[QAItem]:
         out = []
         for r in rows:
@@ -227,21 +228,6 @@ def _word_association(rows: list[dict[str, Any]], rng: random.Random) -> list[QA
         rng.shuffle(opts)
         it = _item("word_association", f"Which word is related to all of these: {', '.join(related)}? "
                    f"Choose from {_join_or(opts)}.", ideal, opts, 'The word is "{}".')
-        if it:
-            out.append(it)
-    return out
-
-
-def _mandaliof_table(rows: list[dict[str, Any]], rng: random.Random) -> list[QAItem]:
-    out = []
-    for r in rows:
-        opts = _dedupe(_user(r).split("Do not explain.")[-1].split(","))
-        ideal = _ideal(r)
-        if ideal not in opts:
-            continue
-        rng.shuffle(opts)
-        it = _item("mandaliof-table", f"Which of these chemical elements has the largest atomic number: "
-                   f"{_join_or(opts)}?", ideal, opts, "The one with the largest atomic number is {}.")
         if it:
             out.append(it)
     return out
@@ -396,15 +382,17 @@ class Source:
 
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("guess_the_singer", ("guess_the_singer/samples.jsonl",), _guess_the_singer),
-    Source("compare-countries-area", ("compare-countries-area/samples.jsonl",), _country_area(
+    Source("compare-countries-area", ("compare-countries-area/samples.jsonl",), _comma_options(
         "compare-countries-area", "Which of these countries has the largest area: {}?",
         "The country with the largest area is {}.")),
-    Source("largest_country", ("largest_country/samples.jsonl",), _country_area(
+    Source("largest_country", ("largest_country/samples.jsonl",), _comma_options(
         "largest_country", "Which of these countries is the largest by surface area: {}?",
         "The largest of these countries is {}.")),
     Source("word_association", tuple(f"word_association/related_words_{n}.jsonl" for n in (2, 3, 4, 5)),
            _word_association),
-    Source("mandaliof-table", ("mandaliof-table/samples.jsonl",), _mandaliof_table),
+    Source("mandaliof-table", ("mandaliof-table/samples.jsonl",), _comma_options(
+        "mandaliof-table", "Which of these chemical elements has the largest atomic number: {}?",
+        "The one with the largest atomic number is {}.")),
     Source("ab", ("ab/samples.jsonl",), _pool_distractors("ab", _ab_question, _ab_answer, _ab_statement)),
     Source("syntax-check", ("syntax-check/samples.jsonl",), _pool_distractors(
         "syntax-check", lambda r: f"Which programming language or framework is this code from? `{_user(r).strip()}`",

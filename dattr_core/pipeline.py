@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from transformers import AutoConfig
@@ -22,6 +22,9 @@ from .methods import control_method_for
 from .models import default_layer, resolve_model
 from .selection import random_scores, select, write_selection
 from .store import VectorSet, VectorError, dattr_home, experiment_dir, model_tag, vectors_dir
+
+if TYPE_CHECKING:
+    from .judge import JudgeItem
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -77,7 +80,7 @@ def experiment_scores(exp: Experiment, train: Dataset, evals: Mapping[str, Datas
     if train_vs.ids != train.ids:
         raise VectorError(f"{train_vs.path}: vectors cover {len(train_vs)} ids but {train.path} has {len(train)} rows "
                           "or other ids (stale vectors? re-run attribution)")
-    rule = exp.rule or settings.scoring_rule
+    rule = settings.rule_of(exp)
     queries = {}
     for name, rows in attr_rows.items():
         control = (_vectors(control_method or control_method_for(exp.query), name)
@@ -137,7 +140,7 @@ def finetune_pair(exp: Experiment, train_name: str, eval_name: str, settings: Se
     return out / "adapter", summary
 
 
-def _judge(eval_ds: Dataset, items: list, out_dir: Path, settings: Settings, root) -> tuple[dict[str, Any], str]:
+def _judge(eval_ds: Dataset, items: list[JudgeItem], out_dir: Path, settings: Settings, root) -> tuple[dict[str, Any], str]:
     """Judge the generations: an LLM judge when configured, else the offline ground-truth judge
     for `ground_truth_0_2`, else nothing (and say so) — never a made-up score."""
     from .judge import JudgeConfig, judge_replies, summarize, write_judge_parquet
