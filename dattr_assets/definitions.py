@@ -36,7 +36,7 @@ def build_definitions(config_path: str | None = None) -> Definitions:
         sensors=[dataset_sensor(settings.sensor_interval_s), automation_sensor(settings.sensor_interval_s)],
         resources={"dattr": DattrResource(config_path=config_path or "")},
         # One process per run: a step's cost is the model, not re-importing torch in a subprocess.
-        # Pools still limit steps across runs (`dagster_home/dagster.yaml`, granularity: op).
+        # Pools limit runs across the instance (`dagster_home/dagster.yaml`, granularity: run).
         executor=in_process_executor,
     )
 

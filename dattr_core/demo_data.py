@@ -853,6 +853,7 @@ def option_losses(model: Any, tok: Any, prompts: Sequence[list[Message]], option
 
     dev = next(model.parameters()).device
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    head = model.get_output_embeddings().weight.float()
     # per question: shared ids, their target mask, and each option's own (ids, mask)
     split: list[tuple[list[int], list[bool], list[tuple[list[int], list[bool]]]]] = []
     for q, opts in zip(prompts, options):
@@ -918,7 +919,8 @@ def option_losses(model: Any, tok: Any, prompts: Sequence[list[Message]], option
                 cache.batch_repeat_interleave(B)
             hidden = backbone(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                               cache=cache, use_cache=cache is not None).last_hidden_state
-            logits = model.lm_head(hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]).float()
+            at_targets = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+            logits = torch.nn.functional.linear(at_targets.float(), head)  # fp32 logits, whatever the model's dtype
             ce = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=dev), reduction="none").cpu()
         owner_t = torch.tensor(owner)
         is_opt = owner_t >= 0
@@ -1223,9 +1225,11 @@ class BuildResult:
     counts: dict[str, Any]
     sources: dict[str, dict[str, Any]]
     seconds: dict[str, float]
+    filter_model: str = ""
 
     def summary(self) -> str:
         lines = [f"{name}: {path}" for name, path in self.paths.items()]
+        lines.append(f"filter: {self.filter_model}")
         lines.append("counts: " + json.dumps(self.counts, sort_keys=True))
         lines.append("source sets (candidates scored → known):")
         for name, s in sorted(self.sources.items()):
@@ -1314,6 +1318,15 @@ def model_scorer(model: Any, tok: Any, cache: LossCache | None, batch_size: int 
     return score
 
 
+def filter_dtype(device: str | None = None) -> str | None:
+    """bf16 where the device computes it natively (about twice as fast), else the default (fp32 on
+    a CPU). The filter only compares option losses against a margin of whole nats, and its
+    logits and sums are fp32 either way; the dtype is part of the loss cache's key and the report."""
+    from .models import has_native_bf16, pick_device
+
+    return "bfloat16" if has_native_bf16(pick_device(device)) else None
+
+
 def build_demo_data(root: str | Path | None = None, size: str = "full", seed: int = 0, model: str | None = None,
                     device: str | None = None, dtype: str | None = None, wheel: str | Path | None = None,
                     min_margin: float = DEFAULT_MIN_MARGIN, batch_size: int = 64, scorer: Scorer | None = None,
@@ -1339,13 +1352,13 @@ def build_demo_data(root: str | Path | None = None, size: str = "full", seed: in
                       if it.key not in eval_keys]
     seconds["read"] = time.perf_counter() - t0
 
-    cache = None
+    cache, key = None, ""
     stats = FilterStats()
     if scorer is None:
         from .models import load_model
 
         t1 = time.perf_counter()
-        m, tok = load_model(model, device, dtype)
+        m, tok = load_model(model, device, dtype or filter_dtype(device))
         seconds["load_model"] = time.perf_counter() - t1
         key = model_id(m, model)
         cache = LossCache(LossCache.file_for(home, key), key)
@@ -1399,8 +1412,10 @@ def build_demo_data(root: str | Path | None = None, size: str = "full", seed: in
                            for name, rows in (("qa_mix", train), ("hallucination", halluc), ("sycophancy", syco))},
         "scored": stats.scored, "from_cache": stats.from_cache,
     }
-    result = BuildResult(paths, result_counts, sources, {k: round(v, 2) for k, v in seconds.items()})
+    result = BuildResult(paths, result_counts, sources, {k: round(v, 2) for k, v in seconds.items()},
+                         key or "custom scorer")
     report = {"size": size, "seed": seed, "min_margin": min_margin, "wheel": Path(wheel).name,
+              "filter_model": result.filter_model,
               "counts": result_counts, "sources": sources, "seconds": result.seconds,
               "paths": {k: str(v) for k, v in paths.items()}}
     write_json(home / "cache" / "demo_data" / f"report.{size}.json", report)

@@ -3,6 +3,7 @@ cache, and the datasets built from the evals wheel (with a stand-in scorer, so t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -74,6 +75,21 @@ def test_filter_keeps_known_and_rejects_an_item_where_the_model_prefers_a_wrong_
     assert known[0].margin >= D.DEFAULT_MIN_MARGIN
     losses = D.score_items([flipped], model, tok)[0]
     assert losses[1] < losses[0]  # the model prefers the 'wrong' option Paris: rejected
+
+
+def test_bf16_filter_agrees_with_fp32(demo):
+    """The filter runs in bf16 where the CPU has it natively (logits and sums in fp32): on the full
+    build its option losses differ from fp32 by 0.14 nats on average (docs/benchmarks.md)."""
+    model, tok = demo
+    items = [FRANCE, D.QAItem("t", "What is 7 times 8?", "56", ("54", "64", "48"), "7 times 8 is {}."),
+             D.QAItem("t", "What is the opposite of hot?", "cold", ("warm", "red"), "The opposite of hot is {}.")]
+    prompts = [D.question_prompt(it) for it in items]
+    replies = [[it.say(o) for o in it.options] for it in items]
+    fp32 = D.option_losses(model, tok, prompts, replies)
+    bf16 = D.option_losses(copy.deepcopy(model).to(torch.bfloat16), tok, prompts, replies)
+    for a, b in zip(fp32, bf16):
+        assert b == pytest.approx(a, abs=0.5)
+        assert (min(a[1:]) - a[0] >= D.DEFAULT_MIN_MARGIN) == (min(b[1:]) - b[0] >= D.DEFAULT_MIN_MARGIN)
 
 
 def test_loss_cache_makes_a_rescore_free(demo, tmp_path):

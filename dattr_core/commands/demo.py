@@ -27,7 +27,8 @@ def add_demo_data_args(p: argparse.ArgumentParser) -> None:
                    help="the downloaded evals-3.0.1.post1 wheel (default: .cache/wheels/, as `make setup` leaves it)")
     p.add_argument("--model", default=None, help="model that filters the questions (default: the demo model)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 where the device computes it natively: CUDA, "
+                        "CPUs with AVX512-BF16 or AMX; else fp32)")
     p.add_argument("--min-margin", type=float, default=DEFAULT_MIN_MARGIN,
                    help="keep a question when log P(correct) − log P(each wrong option) ≥ this, in nats "
                         f"(default {DEFAULT_MIN_MARGIN})")
