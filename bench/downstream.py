@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--evals", nargs="+", default=["hallucination", "sycophancy"])
     p.add_argument("--boot", type=int, default=2000)
     p.add_argument("--out", default=None, help="write the table into this markdown file (between markers)")
+    p.add_argument("--section", default="main", help="marker name in --out, so tables of several builds coexist")
     args = p.parse_args()
     root = dattr_home(args.root)
     rows = [r for e in args.evals for r in rows_for_eval(root, e, args.boot)]
@@ -107,7 +108,7 @@ def main() -> None:
     body = f"`{cmd}`\n\n" + head + "\n".join(rows)
     print(body)
     if args.out:
-        write_section(args.out, "downstream", body)
+        write_section(args.out, f"downstream:{args.section}", body)
 
 
 if __name__ == "__main__":

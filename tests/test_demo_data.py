@@ -79,7 +79,7 @@ def test_filter_keeps_known_and_rejects_an_item_where_the_model_prefers_a_wrong_
 
 def test_bf16_filter_agrees_with_fp32(demo):
     """The filter runs in bf16 where the CPU has it natively (logits and sums in fp32): on the full
-    build its option losses differ from fp32 by 0.14 nats on average (docs/benchmarks.md)."""
+    build its option losses differ from fp32 by 0.12 nats on average (docs/benchmarks.md)."""
     model, tok = demo
     items = [FRANCE, D.QAItem("t", "What is 7 times 8?", "56", ("54", "64", "48"), "7 times 8 is {}."),
              D.QAItem("t", "What is the opposite of hot?", "cold", ("warm", "red"), "The opposite of hot is {}.")]
