@@ -26,7 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import methods as M
 from .capture import capture
 from .data import Dataset, DatasetError, load_dataset
-from .models import EncodingError, blocks, check_layer, collate, default_layer, encode_chat, load_model, resolve_model
+from .models import (DEMO_MODEL, EncodingError, blocks, check_layer, collate, default_layer, encode_chat, load_model,
+                     resolve_model)
 from .store import VectorSet, VectorWriter, dattr_home, file_sha256, model_slug, model_tag, vectors_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def ensure_controls(ds: Dataset, model_name: str | None, device: str | None = No
     from .data import write_examples
     from .generate import fill_controls
 
-    name = model_name or "SmolLM2-135M-Instruct"
+    name = model_name or DEMO_MODEL
     out = dattr_home(root) / "controls" / model_slug(name) / f"{ds.name}.parquet"
     source = out.with_suffix(".json")  # written last: present means the filled file is complete
     record = {"source": str(ds.path), "source_sha256": file_sha256(ds.path), "model": name,
@@ -240,7 +241,7 @@ def attribute(ds: Dataset, cfg: AttributeConfig, model: PreTrainedModel | None =
             if ex.control_messages is None:
                 raise DatasetError(ds.path, f"methods {paired} need a control reply; run `dattr controls` first",
                                    i, "control_messages")
-    name = cfg.model or "SmolLM2-135M-Instruct"
+    name = cfg.model or DEMO_MODEL
     tag = model_tag(name, layer)
     fingerprint = {"dataset_sha256": file_sha256(ds.path), "model": name, "model_revision": model_revision(model, path),
                    "layer": layer, "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size,

@@ -19,7 +19,7 @@ from . import scoring
 from .config import Experiment, Settings
 from .data import Dataset, load_dataset
 from .methods import control_method_for
-from .models import default_layer, resolve_model
+from .models import DEMO_MODEL, default_layer, resolve_model
 from .selection import random_scores, select, write_selection
 from .store import VectorSet, VectorError, dattr_home, experiment_dir, model_tag, vectors_dir
 
@@ -38,7 +38,7 @@ def resolve_layer(settings: Settings) -> int:
 
 
 def settings_tag(settings: Settings) -> str:
-    return model_tag(settings.model or "SmolLM2-135M-Instruct", resolve_layer(settings))
+    return model_tag(settings.model or DEMO_MODEL, resolve_layer(settings))
 
 
 def base_dir(eval_name: str, root: str | Path | None = None) -> Path:
@@ -183,7 +183,7 @@ def generate_pair(eval_ds: Dataset, settings: Settings, out_dir: Path, adapter: 
         model = load_adapter(model, adapter)
     tuned_gap = preference_gap(model, tok, heldout, max_tokens=settings.max_tokens) if adapter else base_gap
     generate_heldout(model, tok, heldout, out_dir / "generations.parquet", SamplingConfig(**settings.generate),
-                     model_name=settings.model or "SmolLM2-135M-Instruct", adapter=str(adapter) if adapter else None)
+                     model_name=settings.model or DEMO_MODEL, adapter=str(adapter) if adapter else None)
     gap = {"base": base_gap, "tuned": tuned_gap, "drop": base_gap["gap"] - tuned_gap["gap"]}
     write_json(out_dir / "preference_gap.json", gap)
     return gap

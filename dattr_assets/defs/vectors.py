@@ -13,7 +13,7 @@ from dattr_core.config import Settings
 from dattr_core.data import load_dataset
 from dattr_core.generate import SamplingConfig
 from dattr_core.methods import needs_control
-from dattr_core.models import load_model
+from dattr_core.models import DEMO_MODEL, load_model
 from dattr_core.persona import persona_vectors
 from dattr_core.trak import TrakConfig, attribute_trak
 from dattr_core.pipeline import resolve_layer
@@ -91,7 +91,7 @@ def activation_vectors(kind: str, methods: list[str]):
         if s.gpus > 1:
             yield from _torchrun(context, s, kind, path, methods, dattr.root)  # rank 0's materialisations
             rows = len(load_dataset(path, kind))
-            tag = model_tag(s.model or "SmolLM2-135M-Instruct", resolve_layer(s))
+            tag = model_tag(s.model or DEMO_MODEL, resolve_layer(s))
             for m in methods:
                 vs = VectorSet.open(vectors_dir(tag, m, context.partition_key, dattr.root))
                 yield from vector_checks(vs, rows, vectors_key(m, kind))
