@@ -25,7 +25,7 @@ from dattr_core import baselines
 from dattr_core.attribute import AttributeConfig, attribute, ensure_controls
 from dattr_core.config import Settings, load_settings
 from dattr_core.data import Dataset, load_dataset
-from dattr_core.models import load_model
+from dattr_core.models import DEMO_MODEL, load_model
 from dattr_core.persona import persona_vectors
 from dattr_core.pipeline import resolve_layer, settings_tag
 from dattr_core.scoring import Query, attribution_split, score_array
@@ -178,7 +178,7 @@ def main() -> None:
             + "|---" * (5 + 2 * len(KS)) + "|\n")
     table = head + "\n".join(rows)
     cmd = "python bench/quality.py " + " ".join(sys.argv[1:])
-    body = f"Model {s.model or 'SmolLM2-135M-Instruct'}, layer {resolve_layer(s)}; `{cmd}`\n\n{table}"
+    body = f"Model {s.model or DEMO_MODEL}, layer {resolve_layer(s)}; `{cmd}`\n\n{table}"
     print(body)
     if args.out:
         write_section(args.out, f"quality:{args.section}", body)

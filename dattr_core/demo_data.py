@@ -853,7 +853,9 @@ def option_losses(model: Any, tok: Any, prompts: Sequence[list[Message]], option
 
     dev = next(model.parameters()).device
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    head = model.get_output_embeddings().weight.float()
+    lm_head = model.get_output_embeddings()
+    head_w = lm_head.weight.float()
+    head_b = lm_head.bias.float() if getattr(lm_head, "bias", None) is not None else None
     # per question: shared ids, their target mask, and each option's own (ids, mask)
     split: list[tuple[list[int], list[bool], list[tuple[list[int], list[bool]]]]] = []
     for q, opts in zip(prompts, options):
@@ -920,7 +922,7 @@ def option_losses(model: Any, tok: Any, prompts: Sequence[list[Message]], option
             hidden = backbone(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                               cache=cache, use_cache=cache is not None).last_hidden_state
             at_targets = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
-            logits = torch.nn.functional.linear(at_targets.float(), head)  # fp32 logits, whatever the model's dtype
+            logits = torch.nn.functional.linear(at_targets.float(), head_w, head_b)  # fp32, whatever the model's dtype
             ce = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=dev), reduction="none").cpu()
         owner_t = torch.tensor(owner)
         is_opt = owner_t >= 0

@@ -23,6 +23,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .data import Dataset, Example, Message
 from .store import atomic_path, dattr_home
 
+CONTROLS_MAX_NEW_TOKENS = 512  # defaults of the greedy control replies (settings `controls:`)
+CONTROLS_BATCH_SIZE = 8
+
 log = logging.getLogger(__name__)
 
 
@@ -117,7 +120,8 @@ def controls_cache_path(dataset: Dataset, missing: list[Example], model_name: st
 
 
 def fill_controls(dataset: Dataset, model: PreTrainedModel, tok: PreTrainedTokenizerBase, *,
-                  model_name: str | None = None, max_new_tokens: int = 512, batch_size: int = 8,
+                  model_name: str | None = None, max_new_tokens: int = CONTROLS_MAX_NEW_TOKENS,
+                  batch_size: int = CONTROLS_BATCH_SIZE,
                   cache_dir: str | Path | None = None) -> list[Example]:
     """The dataset's examples, each missing control reply filled with the model's greedy reply.
 

@@ -9,6 +9,7 @@ from ..attribute import AttributeConfig, AttributeResult, attribute, ensure_cont
 from ..models import load_model
 from ..trak import DEFAULT_DIM, TrakConfig, attribute_trak
 from ..data import load_dataset
+from ..generate import CONTROLS_BATCH_SIZE, CONTROLS_MAX_NEW_TOKENS
 from ..methods import ACTIVATION_METHODS, DEFAULT_METHODS
 
 
@@ -71,8 +72,8 @@ def _generation(args: argparse.Namespace) -> dict[str, int]:
 
 def _controls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controls-max-new-tokens", type=int, default=None,
-                   help="longest greedy control reply in tokens (default 512)")
-    p.add_argument("--controls-batch-size", type=int, default=None, help="prompts per generate call (default 8)")
+                   help=f"longest greedy control reply in tokens (default {CONTROLS_MAX_NEW_TOKENS})")
+    p.add_argument("--controls-batch-size", type=int, default=None, help=f"prompts per generate call (default {CONTROLS_BATCH_SIZE})")
 
 
 def controls(args: argparse.Namespace) -> int:
